@@ -1,0 +1,3 @@
+"""qvacd: peer-to-peer delegated inference daemon."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,192 @@
+"""The daemon: one trio nursery that owns the engine, the HTTP server and the peer side.
+
+Shutdown is cancelling that nursery (SIGINT/SIGTERM do exactly that), so nothing
+runs that no nursery owns and nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from models.engine import Engine, EngineConfig, EngineError
+from models.store import ModelEntry, ModelStore, StoreError, install_default_model
+from peers.identity import Identity, IdentityError, load_or_create_identity
+
+from . import __version__
+from .api import build_app
+from .config import Config
+from .metrics import Metrics
+from .router import Router
+
+log = logging.getLogger("qvacd.node")
+
+
+class StartupError(Exception):
+    """The daemon cannot start; one line that says why and what to do."""
+
+
+class Node:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.started = time.time()
+        data_dir = config.data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.identity: Identity = load_or_create_identity(data_dir)
+        except IdentityError as e:
+            raise StartupError(str(e)) from e
+        try:
+            self.store = ModelStore(data_dir)
+            self.store.clean_tmp()
+            if config.default_model:
+                install_default_model(self.store, log=lambda m: log.info("%s", m))
+        except StoreError as e:
+            raise StartupError(str(e)) from e
+        gpu_layers = None if config.gpu_layers == -2 else config.gpu_layers
+        self.engine = Engine(self.store, EngineConfig(
+            n_ctx=config.ctx_size, memory_budget=config.memory_budget, slots=config.slots,
+            queue_size=config.queue_size, n_threads=config.threads, gpu_layers=gpu_layers))
+        self.metrics = Metrics()
+        self.metrics.on_scrape(self._refresh_gauges)
+        self.node_id = self.identity.peer_id_str
+        self.router = Router(self.node_id, self.engine, delegate=config.delegate,
+                             overflow=config.overflow)
+        self.network: Any = None  # peers.PeerNetwork once the P2P side is up
+        self.api_bound: str | None = None
+
+    # ---- views used by the API -----------------------------------------------------
+
+    def _refresh_gauges(self) -> None:
+        st = self.engine.status()
+        self.metrics.queue_length.set(st["queue"])
+        self.metrics.slots_free.set(st["slots_free"])
+
+    def available_models(self) -> list[ModelEntry]:
+        return self.store.list()
+
+    def render_chat(self, entry: ModelEntry | None, model: str, messages: list[dict[str, str]]
+                    ) -> tuple[str, tuple[str, ...]]:
+        if entry is None:
+            # Not here: a peer may hold it. Without its template, use the fallback.
+            from models.chat import render_chat
+
+            chat = render_chat(messages, None)
+        else:
+            chat = self.engine.render_chat(entry, messages)
+        return chat.prompt, chat.stop
+
+    def status(self) -> dict[str, Any]:
+        eng = self.engine.status()
+        models = []
+        loaded = self.engine.loaded()
+        for e in self.store.list():
+            models.append({
+                "name": e.name, "sha256": e.sha256, "size": e.size,
+                "loaded": e.sha256 in loaded,
+                "memory_estimate": self.engine.memory_needed(e),
+                "fits_budget": self.engine.fits(e),
+                "tokens_per_s": self.engine.tokens_per_s().get(e.sha256),
+                **{k: e.info.get(k) for k in ("architecture", "parameters", "quantization",
+                                                "context_length")},
+            })
+        out: dict[str, Any] = {
+            "peer_id": self.node_id,
+            "version": __version__,
+            "api": self.api_bound or self.config.api,
+            "uptime_s": round(time.time() - self.started, 1),
+            "data_dir": str(self.config.data_dir),
+            "models": models,
+            "memory_budget": eng["memory_budget"],
+            "memory_used": eng["memory_used"],
+            "slots_total": eng["slots_total"],
+            "slots_free": eng["slots_free"],
+            "queue": eng["queue"],
+            "n_ctx": eng["n_ctx"],
+            "gpu_layers": eng["gpu_layers"],
+            "delegate": self.config.delegate,
+        }
+        if self.network is not None:
+            out["listen_addrs"] = self.network.listen_addrs()
+            out["peers"] = len(self.network.table.snapshot())
+        return out
+
+    def peers_snapshot(self) -> list[dict[str, Any]]:
+        if self.network is None:
+            return []
+        return self.network.table.snapshot()
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        from hypercorn.config import Config as HyperConfig
+        from hypercorn.trio import serve
+
+        host, port = self.config.api_host_port
+        hc = HyperConfig()
+        hc.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+        hc.accesslog = None
+        hc.errorlog = logging.getLogger("qvacd.http")
+        hc.graceful_timeout = 0.5
+        hc.keep_alive_timeout = 30
+        app = build_app(self)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_signals, nursery.cancel_scope)
+            if self.config.preload and self.config.default_model:
+                nursery.start_soon(self._preload)
+            try:
+                binds = await nursery.start(lambda task_status: serve(
+                    app, hc, task_status=task_status, mode="asgi"))
+            except OSError as e:
+                raise StartupError(f"cannot listen on {self.config.api}: {e.strerror};"
+                                   " is another qvacd running? pick another --api port") from e
+            self.api_bound = binds[0].replace("http://", "") if binds else self.config.api
+            self._write_runtime_file()
+            log.info("qvacd %s serving on http://%s as %s", __version__, self.api_bound,
+                     self.node_id)
+            task_status.started(self)
+
+    async def _preload(self) -> None:
+        try:
+            await self.engine.preload("gemma3-270m")
+        except EngineError as e:
+            log.info("not preloading the default model: %s", e.message)
+
+    async def _watch_signals(self, cancel_scope: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for sig in signals:
+                log.info("received %s, shutting down", signal.Signals(sig).name)
+                cancel_scope.cancel()
+                return
+
+    def _write_runtime_file(self) -> None:
+        """Tells the CLI where this daemon's API is (pid too, to spot stale files)."""
+        path = self.config.data_dir / "daemon.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"pid": os.getpid(), "api": self.api_bound,
+                                   "peer_id": self.node_id}))
+        os.replace(tmp, path)
+
+    def remove_runtime_file(self) -> None:
+        path = self.config.data_dir / "daemon.json"
+        try:
+            if json.loads(path.read_text()).get("pid") == os.getpid():
+                path.unlink()
+        except (OSError, ValueError):
+            pass
+
+
+def runtime_api(data_dir: Path) -> str | None:
+    try:
+        info = json.loads((data_dir / "daemon.json").read_text())
+        os.kill(int(info["pid"]), 0)
+        return str(info["api"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
