@@ -1,0 +1,195 @@
+"""Kademlia DHT (py-libp2p KadDHT, server mode) for capacity records and model providers.
+
+Keys:
+    /qvac-cap/<peer id>     value: that peer's signed capacity record (RecordValidator)
+    /qvac-model/<sha256>    provider records: "who can serve these bytes"
+
+The DHT is a hint, and it is stale in known ways (see /shared/py-libp2p-0.8.1.md):
+- KadDHT.get_value answers from the local store first if it has *any* copy, and values
+  live 24 h, so `lookup_capacity` never uses it: it asks the closest peers itself and
+  keeps the valid record with the highest seq (records also expire within minutes).
+- Provider records live 48 h and provider sets can be partial or duplicated, so
+  `find_providers` de-duplicates, and the caller drops providers whose fresh record says
+  they no longer hold the model.
+- Routing tables fill slowly; `discover_peers` does a self-lookup (FIND_NODE for our own
+  id), which both fills the table and returns the peers near us.
+- A FIND_NODE key must decode as a multihash or be at most 50 bytes, or the remote
+  drops the query ("FIND_NODE key is not a valid PeerId"). KadDHT.put_value and
+  provide() send the raw key, so "/qvac-cap/<id>" (62 bytes) would never get past the
+  first hop. Hence: records are placed at the peers closest to sha256-multihash(key)
+  (our own put and lookup agree on that), and models are provided under the sha256
+  multihash of the file itself, which is also what content addressing means.
+
+Strict validation is on: only namespaces with a validator (qvac-cap, pk, ipns) can be
+stored here, so a peer cannot fill our value store with arbitrary keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+
+import trio
+from libp2p.abc import IHost
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
+from libp2p.records.utils import InvalidRecordType
+
+from peers.records import (
+    CAPACITY_NAMESPACE,
+    CapacityRecord,
+    RecordError,
+    RecordValidator,
+    capacity_key,
+    verify_record,
+)
+
+log = logging.getLogger("qvacd.peers.dht")
+
+PUT_TIMEOUT_S = 5.0
+QUERY_TIMEOUT_S = 3.0
+# The library's ADD_PROVIDER rate limit is 10 per 10 s per sender; stay under it.
+PROVIDE_BATCH = 8
+PROVIDE_PAUSE_S = 10.5
+
+
+def model_key(sha256: str) -> str:
+    """Provider key of a model: hex of the sha2-256 multihash of its file."""
+    return "1220" + sha256
+
+
+def placement_target(key: bytes) -> bytes:
+    """Where in the keyspace `key` lives: a sha2-256 multihash, valid as a FIND_NODE key."""
+    return b"\x12\x20" + hashlib.sha256(key).digest()
+
+
+class _CountingValidator(RecordValidator):
+    """RecordValidator that also reports why a record was refused (for /metrics)."""
+
+    def __init__(self, on_reject: Callable[[str], None]) -> None:
+        super().__init__()
+        self._on_reject = on_reject
+
+    def validate(self, key: str, value: bytes) -> None:
+        peer = self._peer_of(key)
+        try:
+            verify_record(value, now=self.clock(), expected_peer_id=peer)
+        except RecordError as exc:
+            self._on_reject(exc.reason)
+            raise InvalidRecordType(str(exc)) from None
+
+
+class CapacityDHT:
+    """Our view of the DHT; `run()` must be running for anything else to work."""
+
+    def __init__(self, host: IHost, on_reject: Callable[[str], None]) -> None:
+        self.host = host
+        self._on_reject = on_reject
+        self.kad = KadDHT(host, DHTMode.SERVER, strict_validation=True)
+        self.kad.register_validator(CAPACITY_NAMESPACE, _CountingValidator(on_reject))
+        self.local_id: ID = host.get_id()
+
+    async def add_peer(self, peer_id: ID) -> None:
+        try:
+            await self.kad.add_peer(peer_id)
+        except Exception as exc:  # why: routing-table bookkeeping must never fail a dial
+            log.debug("could not add %s to the routing table: %s", peer_id, exc)
+
+    def routing_peers(self) -> list[ID]:
+        return list(self.kad.routing_table.get_peer_ids())
+
+    async def discover_peers(self) -> list[ID]:
+        """Self-lookup: peers close to us, learnt from the peers we know."""
+        peers = await self.kad.peer_routing.find_closest_peers_network(self.local_id.to_bytes())
+        seen = dict.fromkeys(list(peers) + self.routing_peers())
+        return [p for p in seen if p != self.local_id]
+
+    async def publish_record(self, peer_id: str, data: bytes) -> int:
+        """Store our record locally and at the closest peers; returns how many took it."""
+        key = capacity_key(peer_id)
+        kb = key.encode()
+        assert self.kad.validator is not None
+        self.kad.validator.validate(key, data)  # why: never publish what peers would refuse
+        self.kad.value_store.put(kb, data)
+        # why: the library would republish it every 10 min by its raw key, which remote
+        # peers refuse (see above); we republish ourselves every 30 s instead.
+        self.kad.value_store.local_keys.discard(kb)
+        closest = await self.kad.peer_routing.find_closest_peers_network(placement_target(kb))
+        stored = 0
+
+        async def store(peer: ID) -> None:
+            nonlocal stored
+            with trio.move_on_after(PUT_TIMEOUT_S):
+                if await self.kad.value_store._store_at_peer(peer, kb, data):
+                    stored += 1
+
+        async with trio.open_nursery() as nursery:
+            for peer in closest:
+                if peer != self.local_id:
+                    nursery.start_soon(store, peer)
+        return stored
+
+    async def provide(self, sha256s: list[str]) -> None:
+        for i, sha in enumerate(sha256s):
+            if i and i % PROVIDE_BATCH == 0:
+                await trio.sleep(PROVIDE_PAUSE_S)
+            try:
+                ok = await self.kad.provide(model_key(sha))
+                log.debug("provide model=%s ok=%s", sha, ok)
+            except Exception as exc:
+                log.warning("announcing model %s in the DHT failed: %s", sha[:12], exc)
+
+    async def lookup_record(
+        self, peer_id: str, *, query_timeout_s: float = QUERY_TIMEOUT_S
+    ) -> tuple[CapacityRecord, bytes] | None:
+        """The newest valid record for `peer_id` found on the closest peers (and locally).
+
+        Invalid copies are counted by reason (expired ones are normal: stale copies).
+        """
+        key = capacity_key(peer_id).encode()
+        found: list[bytes] = []
+        local = self.kad.value_store.get(key)
+        if local is not None and local.value:
+            found.append(local.value)
+        closest = await self.kad.peer_routing.find_closest_peers_network(placement_target(key))
+
+        async def ask(peer: ID) -> None:
+            with trio.move_on_after(query_timeout_s):
+                # why the private call: KadDHT.get_value returns the local copy if any,
+                # however old; we want every close peer's copy to pick the newest.
+                value = await self.kad.value_store._get_from_peer(peer, key)
+                if isinstance(value, bytes) and value:
+                    found.append(value)
+
+        async with trio.open_nursery() as nursery:
+            for peer in closest:
+                if peer != self.local_id:
+                    nursery.start_soon(ask, peer)
+
+        best: tuple[CapacityRecord, bytes] | None = None
+        now = time.time()
+        for data in dict.fromkeys(found):  # de-duplicate identical copies
+            try:
+                rec = verify_record(data, now=now, expected_peer_id=peer_id)
+            except RecordError as exc:
+                self._on_reject(exc.reason)
+                continue
+            if best is None or rec.seq > best[0].seq:
+                best = (rec, data)
+        return best
+
+    async def find_providers(self, sha256: str, count: int = 20) -> list[PeerInfo]:
+        infos = await self.kad.find_providers(model_key(sha256), count)
+        out: dict[ID, PeerInfo] = {}
+        for info in infos:
+            if info.peer_id == self.local_id:
+                continue
+            if info.peer_id in out:  # why: provider sets can hold duplicates
+                merged = list(dict.fromkeys(list(out[info.peer_id].addrs) + list(info.addrs)))
+                out[info.peer_id] = PeerInfo(info.peer_id, merged)
+            else:
+                out[info.peer_id] = info
+        return list(out.values())
