@@ -152,8 +152,11 @@ class MdnsService:
         try:
             # Browse first so answers to our queries flow while our own probing runs.
             browser = ServiceBrowser(zc, self.service_type, handlers=[on_change])
+            # why cooperating_responders: the instance name is our peer id, unique by
+            # construction, so the RFC 6762 conflict probing (~1.2 s) would buy nothing;
+            # skipping it is what gets two nodes to see each other well under 2 s.
             await trio.to_thread.run_sync(
-                lambda: zc.register_service(info, allow_name_change=True)
+                lambda: zc.register_service(info, cooperating_responders=True)
             )
             log.info(
                 "mdns announcing peer_id=%s type=%s addrs=%s",
