@@ -1,0 +1,550 @@
+"""`qvacd trust ...` and `qvacd mesh ...`: who may do what with this node.
+
+Both work on files in the data dir (trust.json, mesh.json, mesh-owner.key) and never talk
+to a running daemon: the daemon's stores re-read those files when they change, so edits
+take effect without a restart.
+
+Wired into the parser by qvacd.cli.build_parser() through `add_peer_commands`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import json
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+_ROLE_HELP = (
+    "comma-separated roles: consumer (may send us inference requests), provider (we may "
+    "send it our prompts), seeder (may fetch model shards from us)"
+)
+
+
+class _Fail(Exception):
+    """A one-line error from this module; turned into qvacd.cli.CliError by _command."""
+
+
+def _cli_error(message: str) -> Exception:
+    """The CliError that the running `main` catches.
+
+    Under `python -m qvacd.cli` the running module is `__main__`, and `import qvacd.cli`
+    would load a second copy whose CliError `main` does not catch, so prefer `__main__`'s.
+    """
+    main_mod = sys.modules.get("__main__")
+    spec = getattr(main_mod, "__spec__", None)
+    if spec is not None and spec.name == "qvacd.cli" and hasattr(main_mod, "CliError"):
+        return main_mod.CliError(message)  # type: ignore[union-attr]
+    from .cli import CliError
+
+    return CliError(message)
+
+
+def _command(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Run `fn`, turning the library's errors into one-line CLI errors."""
+
+    def run(args: argparse.Namespace) -> int:
+        from peers.identity import IdentityError
+        from peers.mesh import MeshError
+        from peers.trust import TrustError
+
+        try:
+            return fn(args)
+        except (_Fail, TrustError, MeshError, IdentityError) as exc:
+            raise _cli_error(" ".join(str(exc).split())) from exc
+        except OSError as exc:
+            where = f" {exc.filename}" if exc.filename else ""
+            raise _cli_error(
+                f"cannot access{where} ({exc.strerror or exc}); check the data dir's "
+                f"permissions and free space"
+            ) from exc
+
+    run.__name__ = fn.__name__
+    run.__doc__ = fn.__doc__
+    return run
+
+
+# ---- helpers --------------------------------------------------------------------------
+
+
+def _data_dir(args: argparse.Namespace) -> Path:
+    from .config import default_data_dir
+
+    return Path(args.data_dir) if getattr(args, "data_dir", None) else default_data_dir()
+
+
+def _roles(text: str | None) -> frozenset[str]:
+    from peers.trust import ROLES, parse_roles
+
+    if text is None:
+        raise _Fail(
+            f"no roles given; add --roles with one or more of {','.join(ROLES)} "
+            f"(comma-separated)"
+        )
+    try:
+        return parse_roles(text)
+    except ValueError as exc:
+        raise _Fail(f"{exc} (comma-separated, e.g. --roles consumer,provider)") from None
+
+
+def _peer_id(text: str) -> str:
+    from peers.trust import parse_peer_id
+
+    try:
+        return parse_peer_id(text.strip())
+    except ValueError as exc:
+        raise _Fail(str(exc)) from None
+
+
+def _roles_str(roles: Any) -> str:
+    from peers.trust import ROLES
+
+    return ",".join(r for r in ROLES if r in roles) or "-"
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _days(text: str) -> float:
+    from peers.mesh import MAX_DAYS
+
+    try:
+        days = float(text)
+    except ValueError:
+        days = float("nan")
+    if not 0 < days <= MAX_DAYS:  # also false for nan
+        raise _Fail(
+            f"--days {text} is not a number of days above 0 and at most {MAX_DAYS}; "
+            f"a certificate must be valid for some time (e.g. --days 365)"
+        )
+    return days
+
+
+def _own_peer_id(data_dir: Path, create: bool) -> str | None:
+    """This device's peer id; created with the identity key only if `create`."""
+    from peers.identity import IDENTITY_FILE, PURPOSE_NODE, load_or_create_identity, read_key_file
+
+    if create:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        return load_or_create_identity(data_dir).peer_id_str
+    path = data_dir / IDENTITY_FILE
+    if not path.exists():
+        return None
+    from libp2p.peer.id import ID
+
+    return ID.from_pubkey(read_key_file(path, PURPOSE_NODE).public_key).to_base58()
+
+
+def _fingerprint(owner_key: bytes) -> str:
+    """A short, human-comparable form of the owner public key."""
+    h = hashlib.sha256(owner_key).hexdigest()[:16]
+    return ":".join(h[i : i + 4] for i in range(0, 16, 4))
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _mesh(data_dir: Path, own: str | None = None):
+    from peers.mesh import MeshStore
+
+    return MeshStore(data_dir, own_peer_id=own)
+
+
+def _issued(mesh: Any) -> list[dict[str, Any]]:
+    """The owner's log of certificates issued on this device (empty elsewhere).
+
+    MeshStore keeps it in mesh.json but has no public accessor; read the parsed state.
+    """
+    try:
+        issued = mesh._fresh().issued
+    except AttributeError:
+        return []
+    return [dict(i) for i in issued if isinstance(i, dict)]
+
+
+def _issued_view(mesh: Any, now: float) -> list[dict[str, Any]]:
+    revoked_serials, revoked_peers = mesh.revoked_serials, mesh.revoked_peers
+    out = []
+    for i in _issued(mesh):
+        expires = i.get("expires")
+        if i.get("serial") in revoked_serials:
+            state = "revoked (serial)"
+        elif i.get("peer") in revoked_peers:
+            state = "revoked (peer)"
+        elif isinstance(expires, int) and expires <= now:
+            state = "expired"
+        else:
+            state = "valid"
+        out.append(
+            {
+                "peer_id": i.get("peer"),
+                "roles": [r for r in i.get("roles", []) if isinstance(r, str)],
+                "serial": i.get("serial"),
+                "expires": _iso(expires) if isinstance(expires, int) else None,
+                "state": state,
+            }
+        )
+    return out
+
+
+def _print_rows(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=False)]
+    for row in [header, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)).rstrip())
+
+
+# ---- trust ----------------------------------------------------------------------------
+
+
+@_command
+def cmd_trust_add(args: argparse.Namespace) -> int:
+    from peers.trust import TrustStore
+
+    data_dir = _data_dir(args)
+    pid = _peer_id(args.peer_id)
+    roles = _roles(args.roles)
+    try:
+        own = _own_peer_id(data_dir, create=False)
+    except Exception:  # why: a broken identity file is not this command's business
+        own = None
+    if own is not None and pid == own:
+        raise _Fail(
+            f"{pid} is this device's own peer id; run `qvacd id` on the other device "
+            f"and trust the id it prints"
+        )
+    store = TrustStore.in_dir(data_dir)
+    before = store.get(pid)
+    entry = store.add(pid, roles, note=args.note)
+    verb = "updated" if before is not None else "trusted"
+    note = f" ({entry.note})" if entry.note else ""
+    print(f"{verb} {pid}{note} as {_roles_str(entry.roles)}; a running daemon picks this up now")
+    return 0
+
+
+@_command
+def cmd_trust_rm(args: argparse.Namespace) -> int:
+    from peers.trust import TrustStore
+
+    data_dir = _data_dir(args)
+    pid = _peer_id(args.peer_id)
+    drop = _roles(args.roles) if args.roles is not None else None
+    store = TrustStore.in_dir(data_dir)
+    before = store.get(pid)
+    if before is None:
+        raise _Fail(
+            f"{pid} is not in the trust file {store.path}; `qvacd trust list` shows who is"
+            " (peers admitted by a mesh certificate are removed with `qvacd mesh revoke`)"
+        )
+    if drop is not None and not (drop & before.roles):
+        raise _Fail(
+            f"{pid} does not have role(s) {_roles_str(drop)}; it has {_roles_str(before.roles)}"
+        )
+    store.remove(pid, drop)
+    after = store.get(pid)
+    if after is None:
+        print(f"removed {pid} from the trust file")
+    else:
+        print(f"removed role(s) {_roles_str(drop or ())} from {pid}; it keeps"
+              f" {_roles_str(after.roles)}")
+    return 0
+
+
+@_command
+def cmd_trust_list(args: argparse.Namespace) -> int:
+    import time
+
+    from peers.trust import TrustStore
+
+    data_dir = _data_dir(args)
+    store = TrustStore.in_dir(data_dir)
+    entries = store.list()
+    mesh = _mesh(data_dir)
+    now = time.time()
+    mesh_rows = _issued_view(mesh, now) if mesh.owner_key is not None else []
+    if args.json:
+        print(json.dumps({
+            "trust_file": str(store.path),
+            "peers": [{"peer_id": e.peer_id, **e.to_json()} for e in entries],
+            "mesh_certificates": mesh_rows,
+        }, indent=2))
+        return 0
+    if entries:
+        _print_rows(["PEER", "ROLES", "ADDED", "NOTE"],
+                    [[e.peer_id, _roles_str(e.roles), e.added, e.note] for e in entries])
+    else:
+        print(f"no peers in {store.path}; add one with"
+              " `qvacd trust add PEERID --roles consumer,provider,seeder`")
+    if mesh_rows:
+        print("\ncertificates issued by this mesh owner:")
+        _print_rows(["PEER", "ROLES", "EXPIRES", "SERIAL", "STATE"],
+                    [[str(r["peer_id"]), _roles_str(r["roles"]), str(r["expires"]),
+                      str(r["serial"]), r["state"]] for r in mesh_rows])
+    elif mesh.owner_key is not None:
+        print("\nthis device is in a mesh: peers with a valid certificate from its owner are"
+              " trusted too (`qvacd peers` shows them)")
+    return 0
+
+
+# ---- mesh -----------------------------------------------------------------------------
+
+
+@_command
+def cmd_mesh_init(args: argparse.Namespace) -> int:
+    from peers.mesh import owner_id
+
+    days = _days(args.days)
+    data_dir = _data_dir(args)
+    own = _own_peer_id(data_dir, create=True)
+    mesh = _mesh(data_dir, own)
+    owner = mesh.init(days=days)  # type: ignore[arg-type]
+    cert = mesh.own_certificate
+    print(f"created mesh owner key {mesh.owner_key_path}; back it up and keep it secret:"
+          " whoever holds it can admit devices to this mesh")
+    print(f"mesh owner {owner_id(owner)} (fingerprint {_fingerprint(owner)})")
+    if cert:
+        from peers.mesh import parse_certificate
+
+        c = parse_certificate(cert)
+        print(f"this device {own} holds a certificate for {_roles_str(c.roles)}"
+              f" until {_iso(c.expires)}")
+    print("next: run `qvacd id` on another device, then here:"
+          " `qvacd mesh invite PEERID --roles consumer,provider,seeder --days 365`,"
+          " and on that device: `qvacd mesh join CERT`")
+    return 0
+
+
+@_command
+def cmd_mesh_invite(args: argparse.Namespace) -> int:
+    from peers.mesh import parse_certificate
+
+    pid = _peer_id(args.peer_id)
+    roles = _roles(args.roles)
+    days = _days(args.days)
+    mesh = _mesh(_data_dir(args))
+    text = mesh.invite(pid, roles, days)
+    c = parse_certificate(text)
+    print(text)  # only the certificate on stdout, so it can be piped to `mesh join -`
+    sys.stdout.flush()
+    print(f"certificate {c.serial} for {pid}: {_roles_str(c.roles)} until {_iso(c.expires)};"
+          " on that device run `qvacd mesh join CERT` (or `-` to read it from stdin)",
+          file=sys.stderr)
+    return 0
+
+
+@_command
+def cmd_mesh_join(args: argparse.Namespace) -> int:
+    from peers.mesh import MAX_CERT_LEN
+
+    text = args.cert
+    if text == "-":
+        text = sys.stdin.read(MAX_CERT_LEN * 4)
+        if not text.strip():
+            raise _Fail("no certificate on stdin; pipe in the string `qvacd mesh invite` printed")
+    text = text.strip()
+    data_dir = _data_dir(args)
+    own = _own_peer_id(data_dir, create=True)
+    mesh = _mesh(data_dir, own)
+    cert = mesh.join(text)
+    print(f"joined the mesh of owner {cert.owner_id} (fingerprint {_fingerprint(cert.owner_key)})"
+          f" as {_roles_str(cert.roles)} until {_iso(cert.expires)}; a running daemon"
+          " presents the certificate to its peers now")
+    return 0
+
+
+@_command
+def cmd_mesh_revoke(args: argparse.Namespace) -> int:
+    mesh = _mesh(_data_dir(args))
+    what = mesh.revoke(args.target)
+    print(f"revoked {what} on this device; revocations are not shared, so run the same"
+          " command on every device of the mesh")
+    return 0
+
+
+@_command
+def cmd_mesh_leave(args: argparse.Namespace) -> int:
+    from peers.mesh import owner_id
+
+    mesh = _mesh(_data_dir(args))
+    owner = mesh.owner_key
+    if owner is None and mesh.own_certificate is None:
+        print("this device is in no mesh; nothing to leave")
+        return 0
+    mesh.leave()
+    print(f"left the mesh of owner {owner_id(owner) if owner else '?'}; revocations are kept")
+    if mesh.is_owner:
+        print(f"the owner key {mesh.owner_key_path} stays; move it away before a new"
+              " `qvacd mesh init`, or `qvacd mesh join` an invite it signs")
+    return 0
+
+
+def _mesh_status(data_dir: Path) -> dict[str, Any]:
+    import time
+
+    from peers.mesh import MeshError, owner_id, parse_certificate
+
+    own = _own_peer_id(data_dir, create=False)
+    mesh = _mesh(data_dir, own)
+    now = time.time()
+    owner = mesh.owner_key
+    st: dict[str, Any] = {
+        "peer_id": own,
+        "in_mesh": owner is not None,
+        "is_owner": mesh.is_owner,
+        "owner_id": owner_id(owner) if owner else None,
+        "owner_fingerprint": _fingerprint(owner) if owner else None,
+        "owner_public_key": _b64(owner) if owner else None,
+        "certificate": None,
+        "revoked_serials": sorted(mesh.revoked_serials),
+        "revoked_peers": sorted(mesh.revoked_peers),
+    }
+    text = mesh.own_certificate
+    if text:
+        c: dict[str, Any] = {"text": text}
+        try:
+            cert = parse_certificate(text)
+            c.update(peer_id=cert.peer_id, roles=_roles_str(cert.roles).split(","),
+                     serial=cert.serial, issued=_iso(cert.issued), expires=_iso(cert.expires))
+            if owner is not None:
+                mesh.verify(text, now=now, peer_id=own or cert.peer_id)
+            c["valid"], c["problem"] = True, None
+        except MeshError as exc:
+            c["valid"], c["problem"] = False, str(exc)
+        st["certificate"] = c
+    if mesh.is_owner:
+        st["issued"] = _issued_view(mesh, now)
+    return st
+
+
+@_command
+def cmd_mesh_status(args: argparse.Namespace) -> int:
+    st = _mesh_status(_data_dir(args))
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    if not st["in_mesh"] and st["is_owner"]:
+        print("this device holds a mesh owner key but is in no mesh (it left); rejoin with"
+              " `qvacd mesh join CERT` using an invite it signs (`qvacd mesh invite`)")
+    elif not st["in_mesh"]:
+        print("this device is in no mesh; start one with `qvacd mesh init`, or join one with"
+              " `qvacd mesh join CERT` (an invite from the mesh owner)")
+    else:
+        role = "owner of" if st["is_owner"] else "member of"
+        print(f"{role} the mesh of {st['owner_id']} (fingerprint {st['owner_fingerprint']})")
+    c = st["certificate"]
+    if c is not None:
+        if c.get("roles") is not None:
+            state = "valid" if c["valid"] else f"NOT VALID: {c['problem']}"
+            print(f"certificate {c['serial']}: {_roles_str(c['roles'])} until {c['expires']}"
+                  f" ({state})")
+        else:
+            print(f"certificate NOT VALID: {c['problem']}")
+    elif st["in_mesh"]:
+        print("this device holds no certificate of its own; ask the owner for an invite")
+    if st["revoked_serials"] or st["revoked_peers"]:
+        print("revoked: " + ", ".join([*(f"serial {s}" for s in st["revoked_serials"]),
+                                       *(f"peer {p}" for p in st["revoked_peers"])]))
+    else:
+        print("revoked: none")
+    if st.get("issued"):
+        valid = sum(1 for i in st["issued"] if i["state"] == "valid")
+        print(f"issued {len(st['issued'])} certificate(s), {valid} still valid;"
+              " `qvacd mesh list` shows them")
+    return 0
+
+
+@_command
+def cmd_mesh_list(args: argparse.Namespace) -> int:
+    import time
+
+    mesh = _mesh(_data_dir(args))
+    if not mesh.is_owner:
+        raise _Fail(f"this device holds no mesh owner key ({mesh.owner_key_path}); only the"
+                    " device that ran `qvacd mesh init` keeps the list of issued certificates")
+    rows = _issued_view(mesh, time.time())
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no certificates issued yet; `qvacd mesh invite PEERID --roles ... --days N`")
+        return 0
+    _print_rows(["SERIAL", "PEER", "ROLES", "EXPIRES", "STATE"],
+                [[str(r["serial"]), str(r["peer_id"]), _roles_str(r["roles"]),
+                  str(r["expires"]), r["state"]] for r in rows])
+    return 0
+
+
+# ---- parser ---------------------------------------------------------------------------
+
+
+def add_peer_commands(sub: Any, add_data_dir_arg: Callable[[argparse.ArgumentParser], Any]
+                      ) -> None:
+    """Add `trust` and `mesh` to the top-level subparsers `sub`."""
+    t = sub.add_parser(
+        "trust", help="who may use this node, and whom it may use (trust.json)"
+    ).add_subparsers(dest="trust_cmd", required=True, metavar="ACTION")
+
+    s = t.add_parser("add", help="trust a peer with roles (added to the roles it has)")
+    s.add_argument("peer_id", metavar="PEERID", help="the id `qvacd id` prints on that device")
+    s.add_argument("--roles", default=None, help=_ROLE_HELP + " (required)")
+    s.add_argument("--note", default=None, help="a reminder of which device this is")
+    add_data_dir_arg(s)
+    s.set_defaults(fn=cmd_trust_add)
+
+    s = t.add_parser("list", help="list trusted peers")
+    s.add_argument("--json", action="store_true")
+    add_data_dir_arg(s)
+    s.set_defaults(fn=cmd_trust_list)
+
+    s = t.add_parser("rm", help="remove a peer, or only some of its roles")
+    s.add_argument("peer_id", metavar="PEERID")
+    s.add_argument("--roles", default=None, help=_ROLE_HELP + " (default: all)")
+    add_data_dir_arg(s)
+    s.set_defaults(fn=cmd_trust_rm)
+
+    m = sub.add_parser(
+        "mesh", help="admit devices with certificates signed by one owner key"
+    ).add_subparsers(dest="mesh_cmd", required=True, metavar="ACTION")
+
+    s = m.add_parser("init", help="create a mesh owner key on this device")
+    s.add_argument("--days", default="365",
+                   help="validity of this device's own certificate (default 365)")
+    add_data_dir_arg(s)
+    s.set_defaults(fn=cmd_mesh_init)
+
+    s = m.add_parser("invite", help="sign a certificate for a peer (printed alone on stdout)")
+    s.add_argument("peer_id", metavar="PEERID", help="the id `qvacd id` prints on that device")
+    s.add_argument("--roles", default=None, help=_ROLE_HELP + " (required)")
+    s.add_argument("--days", required=True, help="how many days the certificate is valid")
+    add_data_dir_arg(s)
+    s.set_defaults(fn=cmd_mesh_invite)
+
+    s = m.add_parser("join", help="join a mesh with a certificate made for this device")
+    s.add_argument("cert", metavar="CERT", help="the string `qvacd mesh invite` printed, or - for"
+                   " stdin")
+    add_data_dir_arg(s)
+    s.set_defaults(fn=cmd_mesh_join)
+
+    s = m.add_parser("revoke", help="refuse a peer's or a certificate's mesh membership here")
+    s.add_argument("target", metavar="PEERID|SERIAL")
+    add_data_dir_arg(s)
+    s.set_defaults(fn=cmd_mesh_revoke)
+
+    s = m.add_parser("leave", help="forget the mesh owner and this device's certificate")
+    add_data_dir_arg(s)
+    s.set_defaults(fn=cmd_mesh_leave)
+
+    s = m.add_parser("status", help="mesh owner, this device's certificate, revocations")
+    s.add_argument("--json", action="store_true")
+    add_data_dir_arg(s)
+    s.set_defaults(fn=cmd_mesh_status)
+
+    s = m.add_parser("list", help="certificates issued on this (owner) device, with serials")
+    s.add_argument("--json", action="store_true")
+    add_data_dir_arg(s)
+    s.set_defaults(fn=cmd_mesh_list)
