@@ -56,6 +56,18 @@ PROVIDE_BATCH = 8
 PROVIDE_PAUSE_S = 10.5
 
 
+class _DropNormalStreamEnd(logging.Filter):
+    """py-libp2p 0.8.1 logs every DHT stream that its peer closed normally as a WARNING
+    ("Failed to read DHT message from stream: " with an empty error), several per lookup.
+    Drop exactly that line; real read errors carry a message and still get through."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "Failed to read DHT message from stream: "
+
+
+logging.getLogger("libp2p.kad_dht.kad_dht").addFilter(_DropNormalStreamEnd())
+
+
 def model_key(sha256: str) -> str:
     """Provider key of a model: hex of the sha2-256 multihash of its file."""
     return "1220" + sha256
@@ -181,15 +193,36 @@ class CapacityDHT:
                 best = (rec, data)
         return best
 
-    async def find_providers(self, sha256: str, count: int = 20) -> list[PeerInfo]:
-        infos = await self.kad.find_providers(model_key(sha256), count)
-        out: dict[ID, PeerInfo] = {}
-        for info in infos:
-            if info.peer_id == self.local_id:
-                continue
-            if info.peer_id in out:  # why: provider sets can hold duplicates
-                merged = list(dict.fromkeys(list(out[info.peer_id].addrs) + list(info.addrs)))
-                out[info.peer_id] = PeerInfo(info.peer_id, merged)
-            else:
-                out[info.peer_id] = info
-        return list(out.values())
+    async def find_providers(
+        self, sha256: str, *, query_timeout_s: float = QUERY_TIMEOUT_S
+    ) -> list[PeerInfo]:
+        """Providers of model `sha256` (not us), from our store and the closest peers.
+
+        KadDHT.find_providers returns only the local store whenever it holds *any*
+        provider for the key (ourselves included, once we provide it), so a node that
+        holds a model would never learn of other holders; we ask the closest peers always.
+        """
+        key = bytes.fromhex(model_key(sha256))
+        found: dict[ID, list] = {}
+
+        def merge(infos: list[PeerInfo]) -> None:
+            for info in infos:
+                if info.peer_id == self.local_id:
+                    continue
+                addrs = found.setdefault(info.peer_id, [])
+                addrs.extend(a for a in info.addrs if a not in addrs)  # why: duplicates
+
+        merge(self.kad.provider_store.get_providers(key))
+        closest = await self.kad.peer_routing.find_closest_peers_network(key)
+
+        async def ask(peer: ID) -> None:
+            with trio.move_on_after(query_timeout_s):
+                store = self.kad.provider_store
+                providers, _closer = await store._get_providers_from_peer_with_closers(peer, key)
+                merge(providers)
+
+        async with trio.open_nursery() as nursery:
+            for peer in closest:
+                if peer != self.local_id:
+                    nursery.start_soon(ask, peer)
+        return [PeerInfo(pid, addrs) for pid, addrs in found.items()]

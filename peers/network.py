@@ -304,6 +304,8 @@ class PeerNetwork:
                         nursery.start_soon(self._bootstrap_loop)
                     if self._mdns is not None:
                         nursery.start_soon(self._run_mdns)
+                    for peer in self.connected_peers():  # why: connected before we ran
+                        self._queue_fetch(peer)
                     log.info(
                         "network up peer_id=%s listen=%s bootstrap=%d mdns=%s",
                         self.peer_id_str,
