@@ -17,6 +17,7 @@ Why this shape:
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import contextlib
 import logging
 import math
@@ -125,6 +126,9 @@ class GenerationRequest:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     resume: str = ""  # text a previous provider already generated: continue after it
+    # Chat: rendered with the model's own template where the model runs (this node or
+    # a peer), so a consumer never needs the template of a model it does not hold.
+    messages: tuple[dict[str, str], ...] | None = None
 
 
 @dataclass
@@ -235,6 +239,7 @@ class Engine:
             "slots_total": total_slots,
             "slots_free": max(0, total_slots - busy),
             "queue": sum(m.waiting for m in self._models.values()),
+            "queue_limit": self.config.queue_size,
             "gpu_layers": self.gpu_layers,
             "n_ctx": self.config.n_ctx,
             "loaded": [
@@ -293,7 +298,6 @@ class Engine:
                 self._make_room(m.memory, keep=m.entry.sha256)
             llm = await trio.to_thread.run_sync(self._load_sync, m)
             m.instances += 1
-            self.on_change()
             return llm
 
     def _load_sync(self, m: _Model) -> Any:
@@ -316,8 +320,10 @@ class Engine:
         entry = self.resolve(name)
         self.check_fits(entry)
         m = self._model_for(entry)
-        llm = await self._checkout(m)
-        m.free.append(llm)
+        if m.instances == 0:
+            llm = await self._checkout(m)
+            m.free.append(llm)
+            self.on_change()
 
     # ---- generating -------------------------------------------------------------------
 
@@ -367,6 +373,9 @@ class Engine:
         m.active += 1
         llm = None
         try:
+            if req.messages is not None:
+                chat = self.render_chat(entry, list(req.messages))
+                req = dataclasses.replace(req, prompt=chat.prompt, stop=req.stop + chat.stop)
             llm = await self._checkout(m)
             prompt_tokens = llm.tokenize(
                 (req.prompt + req.resume).encode("utf-8"), add_bos=True, special=True
@@ -379,9 +388,14 @@ class Engine:
                     f" is {n_ctx} tokens; shorten the prompt",
                 )
             room = n_ctx - len(prompt_tokens)
-            if req.max_tokens is not None and req.max_tokens > room:
+            want = req.max_tokens
+            if req.resume and want is not None:
+                # max_tokens counts the whole answer; the resumed part is already spent.
+                spent = len(llm.tokenize(req.resume.encode("utf-8"), add_bos=False))
+                want = max(0, want - spent)
+            if want is not None and want > room:
                 if req.resume:  # a resumed request continues as far as the context allows
-                    room_tokens = room
+                    want = room
                 else:
                     raise EngineError(
                         BAD_REQUEST,
@@ -389,8 +403,7 @@ class Engine:
                         f" ({req.max_tokens}) exceeds the context of {n_ctx} tokens;"
                         " lower max_tokens",
                     )
-            else:
-                room_tokens = req.max_tokens if req.max_tokens is not None else room
+            room_tokens = want if want is not None else room
             result = GenerationResult(prompt_tokens=len(prompt_tokens))
             send, recv = trio.open_memory_channel[str](math.inf)
             cancel = threading.Event()
@@ -473,6 +486,9 @@ def _generate_sync(
 ) -> None:
     """Runs in a worker thread: sample tokens, turn them into text, honour stops."""
     if req.seed is not None:
+        # Reusing a cached prefix changes batch shapes and so the logits' last bits; a
+        # seeded request must give the same text whatever ran before, so evaluate afresh.
+        llm.reset()
         llm.set_seed(req.seed)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     stops = tuple(s for s in req.stop if s)

@@ -9,6 +9,7 @@ disconnects, which frees the slot within one token.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -432,12 +433,10 @@ def build_app(node: Any) -> Starlette:
         if field(body, "n", int, 1) != 1:
             raise ApiError(400, "'n' must be 1", param="n")
         opts = field(body, "stream_options", dict, {})
-        entry = engine.store.resolve(model)
-        prompt, extra_stop = node.render_chat(entry, model, messages)
         req = GenerationRequest(
-            model=model, prompt=prompt,
+            model=model, prompt="", messages=tuple(messages),
             max_tokens=_max_tokens(body, "max_completion_tokens", "max_tokens", default=None),
-            stop=stop_list(body.get("stop")) + extra_stop, **sampling(body, temp_default=1.0))
+            stop=stop_list(body.get("stop")), **sampling(body, temp_default=1.0))
         fmt = openai_chat_format(model, bool(opts.get("include_usage")))
         return InferenceResponse(node, req, fmt, stream=stream,
                                  local_only=_local_only(request, body),
@@ -445,8 +444,7 @@ def build_app(node: Any) -> Starlette:
 
     # -- Ollama --
 
-    def ollama_request(body: dict[str, Any], model: str, prompt: str,
-                       extra_stop: tuple[str, ...] = ()) -> GenerationRequest:
+    def ollama_request(body: dict[str, Any], model: str, prompt: str) -> GenerationRequest:
         opts = field(body, "options", dict, {})
         w = "options."
         num_predict = field(opts, "num_predict", int, None, where=w)
@@ -459,7 +457,7 @@ def build_app(node: Any) -> Starlette:
             min_p=field(opts, "min_p", float, 0.0, lo=0, hi=1, where=w),
             repeat_penalty=field(opts, "repeat_penalty", float, 1.1, lo=0, hi=10, where=w),
             seed=field(opts, "seed", int, None, where=w),
-            stop=stop_list(opts.get("stop"), "options.stop") + extra_stop,
+            stop=stop_list(opts.get("stop"), "options.stop"),
         )
 
     def ollama_details(entry: Any) -> dict[str, Any]:
@@ -509,9 +507,7 @@ def build_app(node: Any) -> Starlette:
         model = _model_name(body)
         messages = normalize_messages(body.get("messages"))
         stream = field(body, "stream", bool, True)
-        entry = engine.store.resolve(model)
-        prompt, extra_stop = node.render_chat(entry, model, messages)
-        req = ollama_request(body, model, prompt, extra_stop)
+        req = dataclasses.replace(ollama_request(body, model, ""), messages=tuple(messages))
         return InferenceResponse(node, req, ollama_format(model, True, t0), stream=stream,
                                  local_only=_local_only(request, body),
                                  error_shape=ollama_error, endpoint="/api/chat")

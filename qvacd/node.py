@@ -72,17 +72,6 @@ class Node:
     def available_models(self) -> list[ModelEntry]:
         return self.store.list()
 
-    def render_chat(self, entry: ModelEntry | None, model: str, messages: list[dict[str, str]]
-                    ) -> tuple[str, tuple[str, ...]]:
-        if entry is None:
-            # Not here: a peer may hold it. Without its template, use the fallback.
-            from models.chat import render_chat
-
-            chat = render_chat(messages, None)
-        else:
-            chat = self.engine.render_chat(entry, messages)
-        return chat.prompt, chat.stop
-
     def status(self) -> dict[str, Any]:
         eng = self.engine.status()
         models = []
@@ -109,6 +98,7 @@ class Node:
             "slots_total": eng["slots_total"],
             "slots_free": eng["slots_free"],
             "queue": eng["queue"],
+            "queue_limit": eng["queue_limit"],
             "n_ctx": eng["n_ctx"],
             "gpu_layers": eng["gpu_layers"],
             "delegate": self.config.delegate,
@@ -144,8 +134,13 @@ class Node:
             try:
                 binds = await nursery.start(lambda task_status: serve(
                     app, hc, task_status=task_status, mode="asgi"))
-            except OSError as e:
-                raise StartupError(f"cannot listen on {self.config.api}: {e.strerror};"
+            except (OSError, BaseExceptionGroup) as e:
+                err = e
+                while isinstance(err, BaseExceptionGroup):
+                    err = err.exceptions[0]
+                if not isinstance(err, OSError):
+                    raise
+                raise StartupError(f"cannot listen on {self.config.api}: {err.strerror};"
                                    " is another qvacd running? pick another --api port") from e
             self.api_bound = binds[0].replace("http://", "") if binds else self.config.api
             self._write_runtime_file()

@@ -171,8 +171,8 @@ def test_eight_concurrent_streams_all_finish(shared_daemon):
 
 def test_disconnect_mid_stream_frees_slot(shared_daemon):
     api = shared_daemon.api
-    body = {"model": MODEL, "prompt": "Write a long story:", "max_tokens": 2000, "stream": True,
-            "temperature": 1.0}
+    body = {"model": MODEL, "prompt": "1, 2, 3, 4, 5,", "max_tokens": 2000, "stream": True,
+            "temperature": 0}
     with httpx.stream("POST", api + "/v1/completions", json=body, timeout=30) as r:
         got = 0
         for line in r.iter_lines():
@@ -196,7 +196,8 @@ def test_disconnect_mid_stream_frees_slot(shared_daemon):
 
 def test_queue_full_gets_429_with_retry_after(start_daemon):
     d = start_daemon("--queue-size", "0", "--slots", "1")
-    body = {"model": MODEL, "prompt": "Count:", "max_tokens": 200, "stream": True}
+    body = {"model": MODEL, "prompt": "1, 2, 3, 4, 5,", "max_tokens": 300, "stream": True,
+            "temperature": 0}
     with httpx.stream("POST", d.api + "/v1/completions", json=body, timeout=30) as r:
         next(r.iter_lines())  # the slot is taken now
         busy = httpx.post(d.api + "/v1/completions",

@@ -1,0 +1,327 @@
+"""Consumer side of /qvac/infer/1.0.0: pick the best trusted peer, stream from it, and
+fail over to the next one, mid-stream included, without losing or repeating text.
+
+Failover design: every piece of text already sent to the client is kept. When the
+serving peer dies (reset, EOF before Done, garbage frames, or silence past the stall
+timeout), the next candidate gets the same request plus `resume` = that text, and
+continues after it; its own `max_tokens` is what remains. The client sees one stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from models.engine import EngineError, GenerationRequest, GenerationResult, fmt_bytes
+from models.store import normalize_name
+from protocol import (
+    INFER_PROTOCOL,
+    Accepted,
+    ChatMessage,
+    Done,
+    Error,
+    ErrorCode,
+    InferClientState,
+    InferRequest,
+    ProtocolError,
+    Token,
+)
+
+from .p2p_io import FrameStream, StreamGone
+from .router import RoutedGeneration
+
+log = logging.getLogger("qvacd.delegation")
+
+FRESH_S = 5.0  # a record older than this is re-fetched directly before routing
+ACCEPT_TIMEOUT_S = 30.0  # peer must accept (or refuse) within this (it may be loading)
+STALL_TIMEOUT_S = 5.0  # silence between frames after acceptance counts as a failure
+DEFAULT_DEADLINE_MS = 10 * 60 * 1000
+
+
+class PeerFailed(Exception):
+    def __init__(self, peer: str, reason: str, *, refused: Error | None = None) -> None:
+        super().__init__(reason)
+        self.peer = peer
+        self.reason = reason
+        self.refused = refused  # an Error frame: the peer answered, it did not break
+
+
+@dataclass
+class Candidate:
+    peer_id: str
+    score: tuple
+    record: Any
+
+
+class _Attempt:
+    """One open infer stream that has been accepted."""
+
+    def __init__(self, peer: str, io: FrameStream, state: InferClientState) -> None:
+        self.peer = peer
+        self.io = io
+        self.state = state
+
+
+class RemoteInference:
+    def __init__(self, node_id: str, network: Any, *, metrics: Any = None,
+                 stall_timeout: float = STALL_TIMEOUT_S) -> None:
+        self.node_id = node_id
+        self.network = network
+        self.metrics = metrics
+        self.stall_timeout = stall_timeout
+
+    # ---- choosing peers ---------------------------------------------------------------
+
+    def _holds(self, record: Any, model: str) -> Any:
+        want = normalize_name(model)
+        for m in record.models:
+            if normalize_name(m.name) == want or m.sha256 == want:
+                return m
+        return None
+
+    def candidates(self, model: str, exclude: set[str] = frozenset()) -> list[Candidate]:
+        table = self.network.table
+        now = time.time()
+        out = []
+        for e in table:
+            if e.peer_id in exclude or e.record is None or e.record.is_expired(now):
+                continue
+            if not e.available(now) or not table.is_trusted(e.peer_id, "provider"):
+                continue
+            m = self._holds(e.record, model)
+            if m is None:
+                continue
+            r = e.record
+            tps = dict(r.tokens_per_s).get(m.sha256, 0.0) if r.tokens_per_s else 0.0
+            # Lower sorts first: warm, free slot, short queue, fast, near, reliable.
+            score = (0 if m.loaded else 1, 0 if r.slots_free > 0 else 1, r.queue_len,
+                     -round(tps), e.rtt_ms if e.rtt_ms is not None else 1e3, e.failures)
+            out.append(Candidate(e.peer_id, score, r))
+        out.sort(key=lambda c: c.score)
+        return out
+
+    def has_candidates(self, model: str) -> bool:
+        return bool(self.candidates(model))
+
+    def explain(self, model: str, local_reason: EngineError | None) -> str:
+        table = self.network.table
+        now = time.time()
+        entries = list(table)
+        trusted = [e for e in entries if table.is_trusted(e.peer_id, "provider")]
+        holding = [e for e in trusted if e.record is not None and not e.record.is_expired(now)
+                   and self._holds(e.record, model)]
+        backing = [e for e in holding if not e.available(now)]
+        head = (local_reason.message.split(";")[0] if local_reason else
+                f"model {model} cannot run here")
+        tail = f"{len(entries)} peers known, {len(trusted)} trusted as providers," \
+               f" {len(holding)} of them hold {model}"
+        if backing:
+            tail += f" ({len(backing)} backing off after failures)"
+        return f"{head}; {tail}"
+
+    # ---- one attempt -------------------------------------------------------------------
+
+    def _wire_request(self, req: GenerationRequest, resume: str, max_tokens: int | None,
+                      deadline_ms: int) -> InferRequest:
+        return InferRequest(
+            model=req.model,
+            prompt=None if req.messages is not None else req.prompt,
+            messages=tuple(ChatMessage(role=m["role"], content=m["content"])
+                           for m in req.messages) if req.messages is not None else None,
+            max_tokens=max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            seed=req.seed,
+            stop=tuple(s for s in req.stop if s)[:16],
+            deadline_ms=deadline_ms,
+            resume=resume or None,
+        )
+
+    async def _open(self, peer: str, wire: InferRequest) -> _Attempt:
+        """Open a stream, send the request, wait for Accepted. PeerFailed otherwise."""
+        try:
+            stream = await self.network.open_stream(peer, INFER_PROTOCOL, timeout=5.0)
+        except Exception as e:
+            raise PeerFailed(peer, f"cannot open a stream: {e or type(e).__name__}") from e
+        io = FrameStream(stream)
+        state = InferClientState()
+        ok = False
+        try:
+            await io.send(wire)
+            with trio.move_on_after(ACCEPT_TIMEOUT_S) as waited:
+                msg = await io.recv()
+            if waited.cancelled_caught:
+                raise PeerFailed(peer, f"no answer within {ACCEPT_TIMEOUT_S:.0f}s")
+            if msg is None:
+                raise PeerFailed(peer, "closed the stream before answering")
+            state.receive(msg)
+            if isinstance(msg, Error):
+                raise PeerFailed(peer, f"{msg.code}: {msg.message}", refused=msg)
+            ok = True
+            return _Attempt(peer, io, state)
+        except StreamGone as e:
+            raise PeerFailed(peer, str(e)) from e
+        except ProtocolError as e:
+            raise PeerFailed(peer, f"sent garbage: {e}") from e
+        finally:
+            if not ok:
+                await io.reset()
+
+    # ---- the routed generation -----------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def generate(self, req: GenerationRequest, *, local_reason: EngineError | None = None
+                       ) -> AsyncIterator[RoutedGeneration]:
+        deadline = time.monotonic() + DEFAULT_DEADLINE_MS / 1000
+        tried: set[str] = set()
+        refusals: list[str] = []
+        attempt = await self._first_attempt(req, tried, refusals, deadline)
+        if attempt is None:
+            msg = self.explain(req.model, local_reason)
+            if refusals:
+                msg += "; tried: " + "; ".join(refusals[:3])
+            code = "NOT_FOUND" if (local_reason and local_reason.code == "NOT_FOUND"
+                                   and not refusals) else "UNAVAILABLE"
+            raise EngineError(code, msg)
+        result = GenerationResult()
+        routed = RoutedGeneration([attempt.peer], "peer", result)
+        send, recv = trio.open_memory_channel[str](math.inf)
+        routed._pieces = _drain(recv)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._produce, req, attempt, routed, send, tried, deadline)
+            try:
+                yield routed
+            finally:
+                nursery.cancel_scope.cancel()  # client gone: closing our stream stops the peer
+
+    async def _first_attempt(self, req: GenerationRequest, tried: set[str], refusals: list[str],
+                             deadline: float) -> _Attempt | None:
+        max_tokens = req.max_tokens
+        while time.monotonic() < deadline:
+            cands = self.candidates(req.model, exclude=tried)
+            if not cands:
+                return None
+            cand = cands[0]
+            tried.add(cand.peer_id)
+            await self._ensure_fresh(cand.peer_id)
+            wire = self._wire_request(req, req.resume, max_tokens,
+                                      int((deadline - time.monotonic()) * 1000))
+            try:
+                return await self._open(cand.peer_id, wire)
+            except PeerFailed as e:
+                self._failed(e)
+                refusals.append(f"{e.peer[:12]}…: {e.reason}")
+        return None
+
+    async def _ensure_fresh(self, peer: str) -> None:
+        entry = self.network.table.get(peer)
+        if entry is not None and entry.is_fresh(FRESH_S):
+            return
+        with trio.move_on_after(1.0):
+            with contextlib.suppress(Exception):
+                await self.network.fetch_capacity(peer)
+
+    def _failed(self, e: PeerFailed) -> None:
+        log.info("peer %s failed: %s", e.peer[:16], e.reason)
+        if e.refused is None or e.refused.code in (ErrorCode.INTERNAL, ErrorCode.PROTOCOL):
+            self.network.table.record_failure(e.peer, e.reason)
+        if self.metrics is not None:
+            self.metrics.peer_requests.labels(e.peer, "refused" if e.refused else "failed").inc()
+
+    async def _produce(self, req: GenerationRequest, attempt: _Attempt, routed: RoutedGeneration,
+                       send: trio.MemorySendChannel, tried: set[str], deadline: float) -> None:
+        result = routed.result
+        emitted: list[str] = []
+        first_provider = True
+        async with send:
+            while True:
+                try:
+                    done = await self._stream(attempt, send, emitted)
+                    result.completion_tokens += done.completion_tokens
+                    if first_provider:
+                        result.prompt_tokens = done.prompt_tokens
+                    result.finish_reason = str(done.finish_reason)
+                    self.network.table.record_success(attempt.peer)
+                    if self.metrics is not None:
+                        self.metrics.peer_requests.labels(attempt.peer, "served").inc()
+                    return
+                except PeerFailed as e:
+                    self._failed(e)
+                    if self.metrics is not None:
+                        self.metrics.failovers.inc()
+                    # Token frames carry about one token each: the dead peer's share.
+                    result.completion_tokens += len(attempt.state._pieces)
+                finally:
+                    await attempt.io.close()
+                # Fail over: same request, resume after everything already sent.
+                first_provider = False
+                # max_tokens counts the whole answer: the provider subtracts the resume.
+                remaining = req.max_tokens
+                resume = req.resume + "".join(emitted)
+                nxt = None
+                while nxt is None and time.monotonic() < deadline:
+                    cands = self.candidates(req.model, exclude=tried)
+                    if not cands:
+                        break
+                    peer = cands[0].peer_id
+                    tried.add(peer)
+                    wire = self._wire_request(req, resume, remaining,
+                                              int((deadline - time.monotonic()) * 1000))
+                    try:
+                        nxt = await self._open(peer, wire)
+                    except PeerFailed as e2:
+                        self._failed(e2)
+                if nxt is None:
+                    log.warning("no peer left to resume %s; ending the stream", req.model)
+                    result.finish_reason = "error"
+                    return
+                log.info("resuming on %s after %d characters", nxt.peer[:16], len(resume))
+                routed.served_by.append(nxt.peer)
+                attempt = nxt
+
+    async def _stream(self, attempt: _Attempt, send: trio.MemorySendChannel,
+                      emitted: list[str]) -> Done:
+        """Forward Token frames until Done. PeerFailed on anything else."""
+        peer, io, state = attempt.peer, attempt.io, attempt.state
+        while True:
+            with trio.move_on_after(self.stall_timeout) as waited:
+                try:
+                    msg = await io.recv()
+                except StreamGone as e:
+                    raise PeerFailed(peer, f"connection lost: {e}") from e
+                except ProtocolError as e:
+                    raise PeerFailed(peer, f"sent garbage: {e}") from e
+            if waited.cancelled_caught:
+                raise PeerFailed(peer, f"stalled for {self.stall_timeout:.0f}s")
+            if msg is None:
+                raise PeerFailed(peer, "closed the stream mid-answer")
+            try:
+                state.receive(msg)
+            except ProtocolError as e:
+                raise PeerFailed(peer, f"broke the protocol: {e}") from e
+            if isinstance(msg, Token):
+                emitted.append(msg.text)
+                send.send_nowait(msg.text)
+            elif isinstance(msg, Done):
+                return msg
+            elif isinstance(msg, Error):
+                raise PeerFailed(peer, f"{msg.code}: {msg.message}", refused=msg)
+            elif isinstance(msg, Accepted):  # pragma: no cover - state machine refuses it
+                raise PeerFailed(peer, "accepted twice")
+
+
+async def _drain(recv: trio.MemoryReceiveChannel) -> AsyncIterator[str]:
+    async with recv:
+        async for piece in recv:
+            yield piece
+
+
+def describe_budget(entry_need: int, budget: int) -> str:
+    return f"needs {fmt_bytes(entry_need)}, budget {fmt_bytes(budget)}"

@@ -1,0 +1,188 @@
+"""Provider side of /qvac/infer/1.0.0: serve generations to trusted consumers.
+
+Order of checks (cheapest and most important first, all before any model work):
+request well-formed -> caller authorized (trust role `consumer`, or public donor)
+-> per-peer quota (concurrent streams, tokens per minute) -> model known and fits ->
+queue admission. Generation runs on *this* engine only: a provider never re-delegates,
+so two nodes can never bounce a request between them.
+
+While tokens stream out, a watcher reads the inbound side: the consumer closing or
+resetting the stream cancels the generation within one token.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict, deque
+from typing import Any
+
+import trio
+
+from models.engine import Engine, EngineError, GenerationRequest
+from protocol import (
+    Accepted,
+    Done,
+    Error,
+    ErrorCode,
+    InferRequest,
+    ProtocolError,
+    Token,
+)
+
+from .p2p_io import FrameStream, StreamGone
+
+log = logging.getLogger("qvacd.infer")
+
+REQUEST_TIMEOUT_S = 5.0  # a consumer must send its request this quickly
+
+
+class PeerQuota:
+    """Concurrent streams and tokens per minute, per peer id."""
+
+    def __init__(self, max_streams: int, tokens_per_minute: int) -> None:
+        self.max_streams = max_streams
+        self.tokens_per_minute = tokens_per_minute
+        self.active: dict[str, int] = defaultdict(int)
+        self._tokens: dict[str, deque[tuple[float, int]]] = defaultdict(deque)
+
+    def tokens_last_minute(self, peer: str, now: float) -> int:
+        q = self._tokens[peer]
+        while q and q[0][0] < now - 60:
+            q.popleft()
+        return sum(n for _, n in q)
+
+    def check(self, peer: str, now: float) -> Error | None:
+        if self.active[peer] >= self.max_streams:
+            return Error(ErrorCode.BUSY, f"you already have {self.active[peer]} streams here"
+                         f" (limit {self.max_streams}); retry when one ends", retry_after=1.0)
+        used = self.tokens_last_minute(peer, now)
+        if used >= self.tokens_per_minute:
+            wait = 60 - (now - self._tokens[peer][0][0]) if self._tokens[peer] else 60
+            return Error(ErrorCode.BUSY, f"you generated {used} tokens here in the last minute"
+                         f" (limit {self.tokens_per_minute})", retry_after=max(1.0, wait))
+        return None
+
+    def spend(self, peer: str, n: int, now: float) -> None:
+        if n:
+            self._tokens[peer].append((now, n))
+
+
+class InferService:
+    def __init__(self, engine: Engine, *, is_authorized: Any, quota: PeerQuota,
+                 metrics: Any = None) -> None:
+        self.engine = engine
+        self.is_authorized = is_authorized  # (peer_id) -> bool
+        self.quota = quota
+        self.metrics = metrics
+
+    def _count(self, peer: str, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.peer_served.labels(peer, outcome).inc()
+
+    async def handle(self, stream: Any, peer_id: str) -> None:
+        io = FrameStream(stream)
+        outcome = "error"
+        try:
+            outcome = await self._serve(io, peer_id)
+        except StreamGone:
+            outcome = "gone"
+        except ProtocolError as e:
+            outcome = "protocol"
+            log.info("peer %s sent a bad frame: %s", peer_id[:16], e)
+            await _try_send(io, Error.from_exception(e))
+        except Exception:
+            log.exception("infer handler failed for %s", peer_id[:16])
+            await _try_send(io, Error(ErrorCode.INTERNAL, "provider error; try another peer"))
+        finally:
+            self._count(peer_id, outcome)
+            await io.close()
+
+    async def _serve(self, io: FrameStream, peer: str) -> str:
+        msg = None
+        with trio.move_on_after(REQUEST_TIMEOUT_S) as waited:
+            msg = await io.recv()
+        if waited.cancelled_caught:
+            await io.send(Error(ErrorCode.DEADLINE, "no request within"
+                                f" {REQUEST_TIMEOUT_S:.0f}s of opening the stream"))
+            return "timeout"
+        if not isinstance(msg, InferRequest):
+            await io.send(Error(ErrorCode.PROTOCOL, "the first frame on /qvac/infer must be"
+                                " a request"))
+            return "protocol"
+        if not self.is_authorized(peer):
+            await io.send(Error(ErrorCode.UNAUTHORIZED, f"peer {peer} is not trusted as a"
+                                " consumer here; its owner must run `qvacd trust add"
+                                f" {peer} --roles consumer`"))
+            return "unauthorized"
+        now = time.monotonic()
+        refusal = self.quota.check(peer, now)
+        if refusal is not None:
+            await io.send(refusal)
+            return "quota"
+        req = GenerationRequest(
+            model=msg.model,
+            prompt=msg.prompt or "",
+            messages=tuple({"role": m.role, "content": m.content} for m in msg.messages)
+            if msg.messages else None,
+            max_tokens=msg.max_tokens,
+            temperature=msg.temperature,
+            top_p=msg.top_p,
+            seed=msg.seed,
+            stop=tuple(msg.stop),
+            resume=msg.resume or "",
+        )
+        self.quota.active[peer] += 1
+        produced = 0
+        try:
+            with trio.move_on_after(msg.deadline_ms / 1000) as deadline:
+                async with self.engine.generate(req) as gen:
+                    await io.send(Accepted(queue_position=0))
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(_cancel_on_inbound_close, io, nursery.cancel_scope)
+                        async for piece in gen:
+                            await io.send(Token(text=piece))
+                            produced += 1
+                        nursery.cancel_scope.cancel()
+                    if gen.result.finish_reason == "cancelled" or io.eof:
+                        return "cancelled"
+                    await io.send(Done(finish_reason=gen.result.finish_reason,
+                                       prompt_tokens=gen.result.prompt_tokens,
+                                       completion_tokens=gen.result.completion_tokens))
+                    produced = gen.result.completion_tokens
+            if deadline.cancelled_caught:
+                await _try_send(io, Error(ErrorCode.DEADLINE, f"deadline of {msg.deadline_ms} ms"
+                                          " passed"))
+                return "deadline"
+            return "served"
+        except EngineError as e:
+            await io.send(Error(_code(e.code), e.message, retry_after=e.retry_after))
+            return e.code.lower()
+        finally:
+            self.quota.active[peer] -= 1
+            self.quota.spend(peer, produced, time.monotonic())
+
+
+def _code(code: str) -> ErrorCode:
+    try:
+        return ErrorCode(code)
+    except ValueError:
+        return ErrorCode.INTERNAL
+
+
+async def _cancel_on_inbound_close(io: FrameStream, scope: trio.CancelScope) -> None:
+    """The consumer sends nothing after its request: EOF, a reset or any frame ends it."""
+    try:
+        await io.recv()
+    except (StreamGone, ProtocolError):
+        pass
+    io.eof = True
+    scope.cancel()
+
+
+async def _try_send(io: FrameStream, msg: Any) -> None:
+    with trio.move_on_after(1):
+        try:
+            await io.send(msg)
+        except (StreamGone, ProtocolError):
+            pass
