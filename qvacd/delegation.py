@@ -96,9 +96,9 @@ class RemoteInference:
             if not e.available(now) or not table.is_trusted(e.peer_id, "provider"):
                 continue
             m = self._holds(e.record, model)
-            if m is None:
-                continue
             r = e.record
+            if m is None or (r.memory_budget and m.memory > r.memory_budget):
+                continue  # not there, or too big for that peer too
             tps = dict(r.tokens_per_s).get(m.sha256, 0.0) if r.tokens_per_s else 0.0
             # Lower sorts first: warm, free slot, short queue, fast, near, reliable.
             score = (0 if m.loaded else 1, 0 if r.slots_free > 0 else 1, r.queue_len,

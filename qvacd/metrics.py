@@ -36,8 +36,10 @@ class Metrics:
             registry=r,
         )
         self.failovers = Counter("qvacd_failovers", "Mid-stream failovers", registry=r)
-        self.records_rejected = Counter(
-            "qvacd_records_rejected", "Capacity records rejected", ["reason"], registry=r
+        # A gauge mirroring the network's own counters (they live in peers/).
+        self.records_rejected = Gauge(
+            "qvacd_records_rejected_total", "Capacity records rejected, by reason", ["reason"],
+            registry=r,
         )
         self._before_scrape: list[Callable[[], None]] = []
 

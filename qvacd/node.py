@@ -19,6 +19,8 @@ import trio
 from models.engine import Engine, EngineConfig, EngineError
 from models.store import ModelEntry, ModelStore, StoreError, install_default_model
 from peers.identity import Identity, IdentityError, load_or_create_identity
+from peers.mesh import MeshError, MeshStore
+from peers.trust import TrustError, TrustStore
 
 from . import __version__
 from .api import build_app
@@ -44,6 +46,12 @@ class Node:
         except IdentityError as e:
             raise StartupError(str(e)) from e
         try:
+            self.mesh = MeshStore(data_dir, own_peer_id=self.identity.peer_id_str)
+            self.trust = TrustStore.in_dir(data_dir, self.mesh)
+            self.trust.reload_if_changed()
+        except (TrustError, MeshError) as e:
+            raise StartupError(str(e)) from e
+        try:
             self.store = ModelStore(data_dir)
             self.store.clean_tmp()
             if config.default_model:
@@ -61,10 +69,67 @@ class Node:
                              overflow=config.overflow)
         self.network: Any = None  # peers.PeerNetwork once the P2P side is up
         self.api_bound: str | None = None
+        self.device: Any = None
+        if config.p2p:
+            self._init_network()
+
+    def _init_network(self) -> None:
+        from peers.device import detect_device
+        from peers.network import NetworkError, PeerNetwork
+        from protocol import INFER_PROTOCOL
+
+        from .delegation import RemoteInference
+        from .infer_service import InferService, PeerQuota
+
+        self.device = detect_device()
+        try:
+            self.network = PeerNetwork(
+                self.identity, capacity_source=self.capacity_record,
+                listen_addrs=self.config.listen, bootstrap=self.config.bootstrap,
+                mdns=self.config.mdns, trust_store=self.trust)
+        except NetworkError as e:
+            raise StartupError(str(e)) from e
+        except Exception as e:  # a malformed --listen address and the like
+            raise StartupError(f"cannot set up the P2P host: {e}") from e
+        self.infer_service = InferService(
+            self.engine, is_authorized=self._may_consume,
+            quota=PeerQuota(self.config.peer_max_streams, self.config.peer_tokens_per_minute),
+            metrics=self.metrics)
+        self.network.set_stream_handler(INFER_PROTOCOL, self.infer_service.handle)
+        self.router.remote = RemoteInference(self.node_id, self.network, metrics=self.metrics)
+        self.engine.on_change = self.network.capacity_changed
+
+    def _may_consume(self, peer_id: str) -> bool:
+        return self.config.public_donor or self.trust.is_trusted(peer_id, "consumer")
+
+    def capacity_record(self) -> Any:
+        """This node's current capacity, unsigned (the network signs and sequences it)."""
+        from peers.device import DeviceInfo
+        from peers.records import CapacityRecord, ModelInfo
+
+        eng = self.engine.status()
+        loaded = self.engine.loaded()
+        tps = {sha: round(v, 2) for sha, v in self.engine.tokens_per_s().items()}
+        dev = self.device
+        free = _mem_available()
+        if dev is not None and dev.kind == "cpu" and free is not None:
+            dev = DeviceInfo(dev.kind, dev.name, dev.memory_total, free)
+        models = tuple(
+            ModelInfo(sha256=e.sha256, name=e.name, size=e.size, loaded=e.sha256 in loaded,
+                      memory=self.engine.memory_needed(e))
+            for e in self.store.list()[:128])
+        return CapacityRecord.issue(
+            self.node_id, 0, dev, memory_budget=eng["memory_budget"], models=models,
+            slots_total=eng["slots_total"], slots_free=eng["slots_free"],
+            queue_len=eng["queue"], tokens_per_s=tps, roles=("provider", "seeder"),
+            certificates=tuple(self.mesh.certificates_to_present())[:4], version=__version__)
 
     # ---- views used by the API -----------------------------------------------------
 
     def _refresh_gauges(self) -> None:
+        if self.network is not None:
+            for reason, n in self.network.rejected.items():
+                self.metrics.records_rejected.labels(reason).set(n)
         st = self.engine.status()
         self.metrics.queue_length.set(st["queue"])
         self.metrics.slots_free.set(st["slots_free"])
@@ -129,6 +194,16 @@ class Node:
         app = build_app(self)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_signals, nursery.cancel_scope)
+            if self.network is not None:
+                try:
+                    await nursery.start(self.network.run)
+                except Exception as e:
+                    err = e
+                    while isinstance(err, BaseExceptionGroup):
+                        err = err.exceptions[0]
+                    raise StartupError(f"cannot start the P2P side on {self.config.listen}:"
+                                       f" {err}; pick another --listen port") from e
+                nursery.start_soon(self._watch_local_state)
             if self.config.preload and self.config.default_model:
                 nursery.start_soon(self._preload)
             try:
@@ -147,6 +222,25 @@ class Node:
             log.info("qvacd %s serving on http://%s as %s", __version__, self.api_bound,
                      self.node_id)
             task_status.started(self)
+
+    async def _watch_local_state(self) -> None:
+        """Changes made by the CLI in another process (models added, trust, mesh
+        certificates seen on peers) reach the running daemon within a second."""
+        while True:
+            await trio.sleep(1.0)
+            try:
+                if self.store.reload():
+                    log.info("model store changed; republishing capacity")
+                    self.network.capacity_changed()
+            except StoreError as e:
+                log.warning("%s", e)
+            for entry in list(self.network.table):
+                rec = entry.record
+                if rec is not None and rec.certificates:
+                    try:
+                        self.mesh.observe(entry.peer_id, rec.certificates)
+                    except Exception as e:  # a bad certificate grants nothing
+                        log.debug("certificate of %s ignored: %s", entry.peer_id[:16], e)
 
     async def _preload(self) -> None:
         try:
@@ -176,6 +270,17 @@ class Node:
                 path.unlink()
         except (OSError, ValueError):
             pass
+
+
+def _mem_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def runtime_api(data_dir: Path) -> str | None:
