@@ -172,7 +172,7 @@ class RemoteInference:
             raise PeerFailed(peer, f"sent garbage: {e}") from e
         finally:
             if not ok:
-                await io.reset()
+                await _shielded(io.reset)
 
     # ---- the routed generation -----------------------------------------------------------
 
@@ -259,7 +259,7 @@ class RemoteInference:
                     # Token frames carry about one token each: the dead peer's share.
                     result.completion_tokens += len(attempt.state._pieces)
                 finally:
-                    await attempt.io.close()
+                    await _shielded(attempt.io.reset)
                 # Fail over: same request, resume after everything already sent.
                 first_provider = False
                 # max_tokens counts the whole answer: the provider subtracts the resume.
@@ -315,6 +315,13 @@ class RemoteInference:
                 raise PeerFailed(peer, f"{msg.code}: {msg.message}", refused=msg)
             elif isinstance(msg, Accepted):  # pragma: no cover - state machine refuses it
                 raise PeerFailed(peer, "accepted twice")
+
+
+async def _shielded(fn: Any) -> None:
+    """Close a stream even while being cancelled: an unclosed stream would keep the
+    provider generating for nobody."""
+    with trio.CancelScope(shield=True), trio.move_on_after(2):
+        await fn()
 
 
 async def _drain(recv: trio.MemoryReceiveChannel) -> AsyncIterator[str]:
