@@ -165,7 +165,7 @@ class InferService:
 
 def _code(code: str) -> ErrorCode:
     try:
-        return ErrorCode(code)
+        return ErrorCode(code.lower())
     except ValueError:
         return ErrorCode.INTERNAL
 

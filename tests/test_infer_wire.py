@@ -1,0 +1,114 @@
+"""/qvac/infer/1.0.0 against a real daemon from a raw libp2p client: malformed frames
+get protocol errors and the daemon keeps serving; an untrusted caller is refused before
+any model is loaded; trust granted to the running daemon takes effect at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgpack
+import multiaddr
+import trio
+from libp2p.peer.peerinfo import info_from_p2p_addr
+
+from conftest import Daemon, clone_data_dir, free_port
+from peers.host import make_host
+from peers.identity import Identity, load_or_create_identity
+from peers.trust import TrustStore
+from protocol import (
+    INFER_PROTOCOL,
+    Accepted,
+    Done,
+    Error,
+    ErrorCode,
+    FrameDecoder,
+    InferRequest,
+    Token,
+    encode_frame,
+    encode_varint,
+)
+
+MODEL = "gemma3-270m"
+
+
+async def exchange(client, peer_id, payload: bytes, *, read_all: bool = False):
+    """Send raw bytes on a fresh infer stream; return the decoded reply frames."""
+    stream = await client.libp2p.new_stream(peer_id, [INFER_PROTOCOL])
+    await stream.write(payload)
+    dec = FrameDecoder()
+    out = []
+    with trio.fail_after(30):
+        while True:
+            try:
+                data = await stream.read(65536)
+            except Exception:
+                break
+            if not data:
+                break
+            dec.feed(data)
+            while (msg := dec.next_message()) is not None:
+                out.append(msg)
+            if out and (not read_all or isinstance(out[-1], (Done, Error))):
+                break
+    await stream.close()
+    return out
+
+
+def deep_nesting(depth: int) -> bytes:
+    body = b"\x91" * depth + b"\xc0"  # [[[...nil...]]]
+    return encode_varint(len(body)) + body
+
+
+async def test_bad_frames_unauthorized_then_trusted(tmp_path: Path, model_template: Path):
+    data = clone_data_dir(model_template, tmp_path / "provider")
+    provider_id = load_or_create_identity(data).peer_id_str
+    port = free_port()
+    daemon = Daemon(data, "--no-preload", "--listen", f"/ip4/127.0.0.1/tcp/{port}")
+    daemon.start()
+    try:
+        me = Identity.generate()
+        client = make_host(me.keypair, ["/ip4/127.0.0.1/tcp/0"])
+        async with client.run():
+            addr = multiaddr.Multiaddr(f"/ip4/127.0.0.1/tcp/{port}/p2p/{provider_id}")
+            info = info_from_p2p_addr(addr)
+            await client.libp2p.connect(info)
+            pid = info.peer_id
+            cases = [
+                (b"\x05hello", ErrorCode.PROTOCOL),
+                (encode_varint(100 << 20) + b"x" * 16, ErrorCode.TOO_LARGE),
+                (deep_nesting(5000), None),
+                (encode_varint(20) + msgpack.packb({"t": "req", "model": 7, "deadline_ms": 5}),
+                 ErrorCode.PROTOCOL),
+                (encode_frame(Token(text="not a request")), ErrorCode.PROTOCOL),
+            ]
+            for payload, code in cases:
+                reply = await exchange(client, pid, payload)
+                assert len(reply) == 1 and isinstance(reply[0], Error), (payload[:10], reply)
+                if code is not None:
+                    assert reply[0].code == code, reply
+                else:
+                    assert reply[0].code in (ErrorCode.PROTOCOL, ErrorCode.TOO_LARGE)
+            req = InferRequest(model=MODEL, prompt="The capital of France is", max_tokens=6,
+                               temperature=0.0, deadline_ms=30000)
+            reply = await exchange(client, pid, encode_frame(req))
+            assert reply[0].code == ErrorCode.UNAUTHORIZED, reply
+            assert "trust add" in reply[0].message
+            # Refused before any work: the model was never loaded for the stranger.
+            assert not daemon.status()["models"][0]["loaded"]
+
+            # Trust it in the running daemon (as `qvacd trust add` would): served now.
+            TrustStore.in_dir(data).add(me.peer_id_str, ["consumer"])
+            reply = await exchange(client, pid, encode_frame(req), read_all=True)
+            assert isinstance(reply[0], Accepted), reply
+            assert all(isinstance(m, Token) for m in reply[1:-1]) and len(reply) > 3
+            assert isinstance(reply[-1], Done) and reply[-1].completion_tokens == 6
+            missing = InferRequest(model="no-such-model", prompt="x", deadline_ms=5000)
+            reply = await exchange(client, pid, encode_frame(missing))
+            assert reply[0].code == ErrorCode.NOT_FOUND and MODEL in reply[0].message
+            # Trust removed again: refused again, without a restart.
+            TrustStore.in_dir(data).remove(me.peer_id_str)
+            reply = await exchange(client, pid, encode_frame(req))
+            assert reply[0].code == ErrorCode.UNAUTHORIZED
+        assert daemon.proc.poll() is None  # none of it crashed the daemon
+    finally:
+        daemon.stop()
