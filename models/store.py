@@ -80,6 +80,7 @@ class ModelStore:
         for d in (self.blobs, self.tmp):
             d.mkdir(parents=True, exist_ok=True)
         self._index_stamp: tuple[int, int] | None = None
+        self.generation = 0  # bumps on every change seen, so watchers never miss one
         self._entries: dict[str, ModelEntry] = {}
         self._infos: dict[str, GGUFInfo] = {}
         self.reload()
@@ -110,6 +111,8 @@ class ModelStore:
                 added=float(rec.get("added", 0.0)),
                 info=dict(rec.get("info", {})),
             )
+        if entries != self._entries:
+            self.generation += 1
         self._entries = entries
         self._index_stamp = stamp
         return True

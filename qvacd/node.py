@@ -226,10 +226,13 @@ class Node:
     async def _watch_local_state(self) -> None:
         """Changes made by the CLI in another process (models added, trust, mesh
         certificates seen on peers) reach the running daemon within a second."""
+        seen = self.store.generation
         while True:
-            await trio.sleep(1.0)
+            await trio.sleep(0.5)
             try:
-                if self.store.reload():
+                self.store.reload()
+                if self.store.generation != seen:
+                    seen = self.store.generation
                     log.info("model store changed; republishing capacity")
                     self.network.capacity_changed()
             except StoreError as e:
