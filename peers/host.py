@@ -15,7 +15,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
 import ifaddr
 import multiaddr
@@ -120,9 +120,12 @@ class Host:
     @asynccontextmanager
     async def run(self) -> AsyncIterator[Host]:
         """Listen and serve until the block exits; HostError if nothing could be bound."""
-        async with self.libp2p.run(listen_addrs=self.requested_addrs):
-            bound = self.libp2p.get_transport_addrs()
-            if not bound:
+        async with AsyncExitStack() as stack:
+            await stack.enter_async_context(self.libp2p.run(listen_addrs=self.requested_addrs))
+            if not self.libp2p.get_transport_addrs():
+                # why close first: raised inside the library's nursery, the error would
+                # reach the caller wrapped in an ExceptionGroup
+                await stack.aclose()
                 raise HostError(
                     "could not listen on "
                     + ", ".join(str(a) for a in self.requested_addrs)

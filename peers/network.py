@@ -49,7 +49,7 @@ from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.rcmgr import Direction
 from libp2p.tools.anyio_service import background_trio_service
 
-from peers.dht import CapacityDHT
+from peers.dht import PROVIDE_BATCH, PROVIDE_WINDOW_S, CapacityDHT
 from peers.host import DEFAULT_LISTEN, Host, make_host
 from peers.mdns import SERVICE_TYPE, MdnsService
 from peers.records import (
@@ -82,6 +82,8 @@ StreamHandler = Callable[[INetStream, str], Awaitable[None]]
 CapacitySource = Callable[[], CapacityRecord]
 
 _READ_CHUNK = 64 * 1024
+_DHT_REPLICAS = 3  # a put or provide that reached fewer close peers is retried
+_DHT_RETRY_S = 5.0
 _PEERSTORE_TTL = 3600
 
 
@@ -102,6 +104,7 @@ class NetworkLimits:
     capacity_rate_per_s: float = 10.0  # inbound capacity streams per peer, sustained
     capacity_burst: int = 20  # ... and in a burst
     max_capacity_streams: int = 64  # inbound capacity handlers at once, all peers
+    max_capacity_streams_per_peer: int = 4  # ... and from one peer
     capacity_timeout_s: float = 3.0  # our fetch/push: whole round trip
     capacity_read_timeout_s: float = 5.0  # serving: wait for the request frame
     refresh_interval_s: float = 5.0  # re-fetch connected peers' capacity
@@ -115,6 +118,7 @@ class NetworkLimits:
     max_auto_connect: int = 64  # connect to discovered peers until this many are up
     max_parallel_fetches: int = 32
     discovery_max_interval_s: float = 30.0
+    min_discovery_interval_s: float = 2.0
     fresh_max_age_s: float = 30.0  # "fresh" in the table snapshot / provider filtering
 
 
@@ -248,6 +252,7 @@ class PeerNetwork:
         self._record_bytes: bytes | None = None
         self._buckets: dict[str, _TokenBucket] = {}
         self._capacity_active = 0
+        self._capacity_active_per_peer: Counter[str] = Counter()
         self._inflight_fetch: set[str] = set()
         self._inflight_dial: set[str] = set()
         self._fetch_send, self._fetch_recv = trio.open_memory_channel[str](4096)
@@ -255,6 +260,8 @@ class PeerNetwork:
         self._push_pending = False
         self._dht_publish_pending = False
         self._last_dht_peers = 0
+        self._dht_busy = False
+        self._provided: dict[str, float] = {}  # model sha256 -> when announced well
         self._wake_discovery = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._stack: AsyncExitStack | None = None
@@ -375,6 +382,7 @@ class PeerNetwork:
         """Our capacity changed: re-sign now, push to connected peers, republish to the DHT.
 
         Cheap and non-blocking; bursts of calls are coalesced (`min_push_interval_s`).
+        Call it from the trio thread (it sets a trio.Event).
         """
         self._push_pending = True
         self._dht_publish_pending = True
@@ -484,35 +492,28 @@ class PeerNetwork:
         return True
 
     async def _publisher(self) -> None:
+        """Re-sign, push and publish: on capacity_changed() (coalesced), and periodically."""
         last_dht = -math.inf
-        provided: set[str] = set()
-        last_reprovide = time.monotonic()
         while True:
             with trio.move_on_after(self.limits.republish_interval_s) as idle:
                 await self._wake_publisher.wait()
             self._wake_publisher = trio.Event()
-            periodic = idle.cancelled_caught
             push, self._push_pending = self._push_pending, False
-            publish = self._dht_publish_pending or periodic
+            publish = self._dht_publish_pending or idle.cancelled_caught
             # Re-sign on every wake: a new seq per put, else peers refuse the put as
             # "not better" than the identical record they hold.
             self._sign_current()
             if push:
                 self._nursery_start(self._push_all)
             now = time.monotonic()
-            if publish and now - last_dht >= self.limits.min_dht_publish_interval_s:
+            if publish and not self._dht_busy and now - last_dht >= self.limits.min_dht_publish_interval_s:
                 self._dht_publish_pending = False
+                self._dht_busy = True
                 last_dht = now
-                rec = self._record
-                models = [m.sha256 for m in rec.models] if rec else []
-                if now - last_reprovide >= self.limits.reprovide_interval_s:
-                    provided.clear()
-                    last_reprovide = now
-                new_models = [m for m in models if m not in provided]
-                provided.update(new_models)
-                self._nursery_start(self._publish_dht, new_models)
+                self._nursery_start(self._publish_dht)
             elif publish:
-                # Too soon after the last put: come back when it is allowed.
+                # Too soon after the last put, or one is running: come back for it.
+                self._dht_publish_pending = True
                 self._nursery_start(self._wake_later, self.limits.min_dht_publish_interval_s)
             await trio.sleep(self.limits.min_push_interval_s)
 
@@ -520,20 +521,53 @@ class PeerNetwork:
         await trio.sleep(delay)
         self._wake_publisher.set()
 
-    async def _publish_dht(self, new_models: list[str]) -> None:
-        current = self.current_record()
-        if current is None:
-            return
-        _, data = current
+    async def _publish_dht(self) -> None:
+        """Put our record at the closest peers and announce held models; retry soon
+        (not in 30 s) whatever reached fewer than `_DHT_REPLICAS` peers."""
         try:
-            with trio.fail_after(10):
-                self._last_dht_peers = await self.dht.publish_record(self.peer_id_str, data)
-            self.counters["dht_published"] += 1
-        except Exception as exc:
-            log.warning("publishing our capacity record to the DHT failed: %s", exc)
-        if new_models:
-            await self.dht.provide(new_models)
-            self.counters["dht_provided"] += len(new_models)
+            retry = False
+            want = min(_DHT_REPLICAS, self.dht.kad.get_routing_table_size())
+            current = self.current_record()
+            if current is not None:
+                try:
+                    with trio.fail_after(10):
+                        stored = await self.dht.publish_record(self.peer_id_str, current[1])
+                    self._last_dht_peers = stored
+                    self.counters["dht_published"] += 1
+                    retry |= stored < want
+                except Exception as exc:
+                    log.warning("publishing our capacity record to the DHT failed: %s", exc)
+                    retry = True
+            if want == 0:
+                return  # nobody to announce to yet; the first connection brings us back
+            now = time.monotonic()
+            rec = self._record
+            held = [m.sha256 for m in rec.models] if rec else []
+            for sha in list(self._provided):
+                if sha not in held:
+                    del self._provided[sha]  # its provider records expire on their own
+            due = [
+                sha for sha in held
+                if now - self._provided.get(sha, -math.inf) >= self.limits.reprovide_interval_s
+            ]
+            # why the batch: the library refuses more than 10 ADD_PROVIDER per 10 s from one
+            # peer; the rest waits for the next round.
+            for sha in due[:PROVIDE_BATCH]:
+                with trio.move_on_after(10):
+                    sent = await self.dht.provide(sha)
+                    self.counters["dht_provided"] += 1
+                    if sent >= want:
+                        self._provided[sha] = now
+                        continue
+                retry = True
+            if len(due) > PROVIDE_BATCH:
+                self._nursery_start(self._wake_later, PROVIDE_WINDOW_S)
+                self._dht_publish_pending = True
+            if retry:
+                self._dht_publish_pending = True
+                self._nursery_start(self._wake_later, _DHT_RETRY_S)
+        finally:
+            self._dht_busy = False
 
     async def _push_all(self) -> None:
         peers = self.connected_peers()
@@ -630,17 +664,26 @@ class PeerNetwork:
                       retry_after=round(bucket.retry_after(), 3)),
             )
             return
-        if self._capacity_active >= self.limits.max_capacity_streams:
+        # why a per-peer cap too: one peer holding streams open until the read timeout
+        # could otherwise take every global slot (10/s x 5 s = 50 of 64).
+        if (
+            self._capacity_active >= self.limits.max_capacity_streams
+            or self._capacity_active_per_peer[peer] >= self.limits.max_capacity_streams_per_peer
+        ):
             self.counters["capacity_busy"] += 1
             await self._send_and_close(
                 stream, Error(code=ErrorCode.BUSY, message="capacity service busy", retry_after=1.0)
             )
             return
         self._capacity_active += 1
+        self._capacity_active_per_peer[peer] += 1
         try:
             await self._serve_capacity_inner(stream, peer)
         finally:
             self._capacity_active -= 1
+            self._capacity_active_per_peer[peer] -= 1
+            if not self._capacity_active_per_peer[peer]:
+                del self._capacity_active_per_peer[peer]
 
     async def _serve_capacity_inner(self, stream: INetStream, peer: str) -> None:
         decoder = FrameDecoder(limits_for(CAPACITY_PROTOCOL))
@@ -735,9 +778,8 @@ class PeerNetwork:
         if self._running:
             self._nursery_start(self.dht.add_peer, conn.muxed_conn.peer_id)
             self._queue_fetch(peer)
-            self._wake_discovery.set()
-            if self._last_dht_peers < 3:
-                # why: our last DHT put reached (almost) nobody; put again now that we can
+            if self._last_dht_peers == 0:
+                # why: our last DHT put reached nobody; put again now that we can
                 self._dht_publish_pending = True
                 self._wake_publisher.set()
 
@@ -807,6 +849,10 @@ class PeerNetwork:
         finally:
             self._inflight_dial.discard(peer)
         self.table.record_reachable(peer)
+        if source != "dht":
+            # why: a peer we were told about (bootstrap, mDNS, manual) knows others; ask
+            # soon. Not for DHT-found or inbound peers, or lookups would cascade.
+            self._wake_discovery.set()
         log.info("dialled peer_id=%s source=%s", peer, source)
         return True
 
@@ -826,23 +872,29 @@ class PeerNetwork:
             await trio.sleep(0.25)
 
     async def _discovery_loop(self) -> None:
-        """DHT self-lookups: soon after each new connection, then less and less often."""
+        """DHT self-lookups: at 0.5, 1, 2, 4 ... s, then every `discovery_max_interval_s`,
+        and soon after dialling a peer we were told about (at most every 2 s)."""
         interval = 0.5
+        last = -math.inf
         while True:
             with trio.move_on_after(interval):
                 await self._wake_discovery.wait()
-            await trio.sleep(0.1)  # why: let a burst of connections settle into one lookup
+            woken = self._wake_discovery.is_set()
             self._wake_discovery = trio.Event()
+            # why: let a burst of connections settle into one lookup, and never run
+            # lookups back to back however often we are woken
+            await trio.sleep(max(0.1, last + self.limits.min_discovery_interval_s - time.monotonic()))
+            if not woken:
+                interval = min(interval * 2, self.limits.discovery_max_interval_s)
             if not self.connected_peers():
-                interval = 1.0
                 continue
+            last = time.monotonic()
             try:
                 with trio.move_on_after(self.limits.lookup_timeout_s):
                     found = await self.dht.discover_peers()
                     self._connect_discovered(found)
             except Exception as exc:
                 log.debug("DHT discovery round failed: %s", exc)
-            interval = min(interval * 2, self.limits.discovery_max_interval_s)
 
     def _connect_discovered(self, found: Iterable[ID]) -> None:
         budget = self.limits.max_auto_connect - len(self.connected_peers())
@@ -878,13 +930,4 @@ class PeerNetwork:
             self.table.upsert(peer, source="mdns", addrs=addrs)
             return
         self._nursery_start(self._dial, peer, addrs, "mdns")
-
-
-async def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
-    """Poll `predicate` until true or `timeout`; for tests and the CLI."""
-    with trio.move_on_after(timeout):
-        while not predicate():
-            await trio.sleep(interval)
-        return True
-    return False
 

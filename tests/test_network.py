@@ -174,9 +174,13 @@ async def test_flooding_peer_is_limited_while_another_is_served() -> None:
             ok = [r for r in replies if isinstance(r, CapacityResponse)]
             busy = [r for r in replies if isinstance(r, Error) and r.code == ErrorCode.BUSY]
             assert served_other == 5
-            assert 15 <= len(ok) <= 30, len(ok)  # the burst, plus a little refill
-            assert len(busy) >= 25 and busy[0].retry_after is not None
-            assert a.counters["capacity_rate_limited"] == len(busy)
+            # At most the burst (20) plus a little refill gets through; the rest is refused
+            # by the token bucket, or by the per-peer cap of 4 streams at once.
+            assert 1 <= len(ok) <= 30, len(ok)
+            assert len(ok) + len(busy) == 60, replies
+            assert all(b.retry_after is not None for b in busy)
+            assert a.counters["capacity_rate_limited"] >= 25
+            assert a.counters["capacity_rate_limited"] + a.counters["capacity_busy"] == len(busy)
             # The flooder's connection stays up, and after waiting it is served again.
             assert a.is_connected(flooder.peer_id)
             await trio.sleep(0.3)
@@ -300,3 +304,25 @@ async def test_untrusted_peers_listed_but_flagged(tmp_path) -> None:  # type: ig
         assert snap[b.peer_id_str]["trusted"] and snap[b.peer_id_str]["roles"] == ["provider"]
         assert not snap[c.peer_id_str]["trusted"] and snap[c.peer_id_str]["roles"] == []
         assert a.metrics()["peers_trusted"] == 1
+
+
+async def test_port_in_use_and_bad_addresses_are_one_line_errors() -> None:
+    import socket
+
+    from peers.host import HostError
+    from peers.network import NetworkError
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        net = PeerNetwork(Identity.generate(), capacity_source=FakeCapacity(),
+                          listen_addrs=[f"/ip4/127.0.0.1/tcp/{port}"], mdns=False)
+        with pytest.raises(HostError, match="could not listen on .* pick another --listen"):
+            async with net:
+                pass
+    with pytest.raises(NetworkError, match="bad bootstrap address"):
+        PeerNetwork(Identity.generate(), capacity_source=FakeCapacity(),
+                    bootstrap=["/ip4/127.0.0.1/tcp/4001"], mdns=False)
+    with pytest.raises(HostError, match="only TCP"):
+        make_host(create_new_key_pair(), ["/ip4/127.0.0.1/udp/4001"])

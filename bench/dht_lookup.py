@@ -1,0 +1,156 @@
+"""DHT lookup latency: capacity records and model providers, 16/32/64 nodes on loopback.
+
+All nodes run in this one process (one trio loop, one CPU core for all of them), so the
+numbers are pessimistic for a real mesh where each node has its own machine.
+
+    python bench/dht_lookup.py [--sizes 16,32,64] [--lookups 100]
+
+Each node bootstraps to node 0 and to one random earlier node, auto-connects to at most
+8 discovered peers, and holds one of N/4 models (so ~4 providers each). After the mesh
+settles, lookups run one at a time from random nodes for random targets:
+- capacity: `lookup_capacity(peer)` - the newest valid record found in the DHT;
+- providers: `find_model_providers(sha, include_table=False)` - DHT provider records only.
+Goal: p95 < 1 s at 64 nodes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import random
+import statistics
+import sys
+import time
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from peers.device import DeviceInfo  # noqa: E402
+from peers.identity import Identity  # noqa: E402
+from peers.network import NetworkLimits, PeerNetwork  # noqa: E402
+from peers.records import CapacityRecord, ModelInfo  # noqa: E402
+
+DEVICE = DeviceInfo("cpu", "bench", 8 << 30, 4 << 30)
+
+
+def source_for(sha: str):  # type: ignore[no-untyped-def]
+    def source() -> CapacityRecord:
+        return CapacityRecord.issue("", 0, DEVICE, models=(ModelInfo(sha, "m", 1, True, 1),),
+                                    slots_total=1, slots_free=1)
+
+    return source
+
+
+async def settle_cpu(max_s: float = 120.0, quiet: float = 0.2) -> float:
+    """Wait until this process uses under `quiet` of a core over one second."""
+    start = time.monotonic()
+    while time.monotonic() - start < max_s:
+        c0, t0 = time.process_time(), time.monotonic()
+        await trio.sleep(1.0)
+        if (time.process_time() - c0) / (time.monotonic() - t0) < quiet:
+            break
+    return time.monotonic() - start
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+async def run_size(n: int, lookups: int, rng: random.Random) -> dict[str, object]:
+    # Background work (capacity polling, discovery, republishing) is turned down so that
+    # the lookups being timed are not queued behind 63 other nodes' chores on one core.
+    limits = NetworkLimits(max_auto_connect=8, refresh_interval_s=120.0,
+                           republish_interval_s=600.0, discovery_max_interval_s=600.0)
+    n_models = max(1, n // 4)
+    shas = [hashlib.sha256(f"model-{i}".encode()).hexdigest() for i in range(n_models)]
+    holder = {i: shas[i % n_models] for i in range(n)}
+    nets: list[PeerNetwork] = []
+    async with AsyncExitStack() as stack:
+        t0 = time.monotonic()
+        for i in range(n):
+            boot: list[str] = []
+            if i:
+                boot = [nets[0].listen_addrs()[0]]
+                j = rng.randrange(i)
+                if j:
+                    boot.append(nets[j].listen_addrs()[0])
+            net = PeerNetwork(Identity.generate(), capacity_source=source_for(holder[i]),
+                              listen_addrs=["/ip4/127.0.0.1/tcp/0"], bootstrap=boot,
+                              mdns=False, limits=limits)
+            await stack.enter_async_context(net)
+            nets.append(net)
+        started = time.monotonic() - t0
+        # Let discovery settle, then have everyone (re)publish into the fuller DHT.
+        settle = await settle_cpu()
+        for net in nets:
+            net.capacity_changed()
+        await trio.sleep(1.0)
+        settle += await settle_cpu()
+        rt = [net.dht.kad.get_routing_table_size() for net in nets]
+        conns = [len(net.connected_peers()) for net in nets]
+
+        cap_t: list[float] = []
+        cap_ok = 0
+        for _ in range(lookups):
+            src, dst = rng.sample(range(n), 2)
+            t = time.perf_counter()
+            rec = await nets[src].lookup_capacity(nets[dst].peer_id_str, timeout=5)
+            cap_t.append(time.perf_counter() - t)
+            cap_ok += rec is not None and rec.peer_id == nets[dst].peer_id_str
+
+        prov_t: list[float] = []
+        recall: list[float] = []
+        for _ in range(lookups):
+            src = rng.randrange(n)
+            sha = rng.choice(shas)
+            truth = {nets[i].peer_id_str for i in range(n) if holder[i] == sha and i != src}
+            t = time.perf_counter()
+            got = await nets[src].find_model_providers(sha, timeout=5, include_table=False)
+            prov_t.append(time.perf_counter() - t)
+            recall.append(len(truth & set(got)) / len(truth) if truth else 1.0)
+
+        return {
+            "nodes": n,
+            "startup_s": started,
+            "settle_s": settle,
+            "rt_median": statistics.median(rt),
+            "conns_median": statistics.median(conns),
+            "cap_p50": pct(cap_t, 0.5),
+            "cap_p95": pct(cap_t, 0.95),
+            "cap_found": cap_ok / lookups,
+            "prov_p50": pct(prov_t, 0.5),
+            "prov_p95": pct(prov_t, 0.95),
+            "prov_recall": statistics.mean(recall),
+        }
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", default="16,32,64")
+    ap.add_argument("--lookups", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=1)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    logging.getLogger("libp2p").setLevel(logging.CRITICAL)
+    rng = random.Random(args.seed)
+    print(f"{'nodes':>5} {'start s':>7} {'settle':>6} {'rt':>4} {'conns':>5} | "
+          f"{'cap p50':>8} {'cap p95':>8} {'found':>6} | "
+          f"{'prov p50':>8} {'prov p95':>8} {'recall':>6}")
+    for n in (int(x) for x in args.sizes.split(",")):
+        r = await run_size(n, args.lookups, rng)
+        print(f"{r['nodes']:>5} {r['startup_s']:>7.1f} {r['settle_s']:>6.0f} {r['rt_median']:>4.0f} "
+              f"{r['conns_median']:>5.0f} | {r['cap_p50'] * 1000:>6.0f}ms "
+              f"{r['cap_p95'] * 1000:>6.0f}ms {r['cap_found']:>6.0%} | "
+              f"{r['prov_p50'] * 1000:>6.0f}ms {r['prov_p95'] * 1000:>6.0f}ms "
+              f"{r['prov_recall']:>6.0%}", flush=True)
+        await trio.sleep(0.5)
+    print("goal: p95 < 1000 ms at 64 nodes (all nodes share one process and core here)")
+
+
+if __name__ == "__main__":
+    trio.run(main)
