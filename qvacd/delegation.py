@@ -45,12 +45,17 @@ STALL_TIMEOUT_S = 5.0  # silence between frames after acceptance counts as a fai
 DEFAULT_DEADLINE_MS = 10 * 60 * 1000
 
 
+MISBEHAVIOUR_BACKOFF_S = 60.0  # garbage or a stall is no accident: keep away longer
+
+
 class PeerFailed(Exception):
-    def __init__(self, peer: str, reason: str, *, refused: Error | None = None) -> None:
+    def __init__(self, peer: str, reason: str, *, refused: Error | None = None,
+                 misbehaved: bool = False) -> None:
         super().__init__(reason)
         self.peer = peer
         self.reason = reason
         self.refused = refused  # an Error frame: the peer answered, it did not break
+        self.misbehaved = misbehaved  # garbage frames or a stall, not a crash
 
 
 @dataclass
@@ -169,7 +174,7 @@ class RemoteInference:
         except StreamGone as e:
             raise PeerFailed(peer, str(e)) from e
         except ProtocolError as e:
-            raise PeerFailed(peer, f"sent garbage: {e}") from e
+            raise PeerFailed(peer, f"sent garbage: {e}", misbehaved=True) from e
         finally:
             if not ok:
                 await _shielded(io.reset)
@@ -230,8 +235,12 @@ class RemoteInference:
 
     def _failed(self, e: PeerFailed) -> None:
         log.info("peer %s failed: %s", e.peer[:16], e.reason)
+        table = self.network.table
         if e.refused is None or e.refused.code in (ErrorCode.INTERNAL, ErrorCode.PROTOCOL):
-            self.network.table.record_failure(e.peer, e.reason)
+            table.record_failure(e.peer, e.reason)
+        entry = table.get(e.peer)
+        if e.misbehaved and entry is not None:
+            entry.backoff_until = max(entry.backoff_until, time.time() + MISBEHAVIOUR_BACKOFF_S)
         if self.metrics is not None:
             self.metrics.peer_requests.labels(e.peer, "refused" if e.refused else "failed").inc()
 
@@ -297,15 +306,15 @@ class RemoteInference:
                 except StreamGone as e:
                     raise PeerFailed(peer, f"connection lost: {e}") from e
                 except ProtocolError as e:
-                    raise PeerFailed(peer, f"sent garbage: {e}") from e
+                    raise PeerFailed(peer, f"sent garbage: {e}", misbehaved=True) from e
             if waited.cancelled_caught:
-                raise PeerFailed(peer, f"stalled for {self.stall_timeout:.0f}s")
+                raise PeerFailed(peer, f"stalled for {self.stall_timeout:.0f}s", misbehaved=True)
             if msg is None:
                 raise PeerFailed(peer, "closed the stream mid-answer")
             try:
                 state.receive(msg)
             except ProtocolError as e:
-                raise PeerFailed(peer, f"broke the protocol: {e}") from e
+                raise PeerFailed(peer, f"broke the protocol: {e}", misbehaved=True) from e
             if isinstance(msg, Token):
                 emitted.append(msg.text)
                 send.send_nowait(msg.text)

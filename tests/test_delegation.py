@@ -207,3 +207,60 @@ def test_client_cancel_stops_generation_on_provider(mesh):
     while time.monotonic() < deadline and big.status()["slots_free"] == 0:
         time.sleep(0.05)
     assert big.status()["slots_free"] == big.status()["slots_total"]
+
+
+@pytest.mark.parametrize("mode", ["garbage", "stall"])
+def test_misbehaving_provider_is_dropped_and_stream_fails_over(mesh, tmp_path, mode):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    sha = json.loads((mesh.template / "models" / "index.json").read_text())[
+        "models"][MODEL]["sha256"]
+    bad_dir = tmp_path / "bad"
+    bad_dir.mkdir()
+    bad_id = load_or_create_identity(bad_dir).peer_id_str
+    bad_port = free_port()
+    TrustStore.in_dir(bad_dir).add(mesh.ids.setdefault("x", bad_id), ALL)
+    mesh.add("laptop", "--memory-budget", "64MiB")
+    mesh.add("desktop")
+    TrustStore.in_dir(bad_dir).add(mesh.ids["laptop"], ALL)
+    mesh.trust("laptop", "desktop", ALL)
+    mesh.trust("desktop", "laptop", ALL)
+    TrustStore.in_dir(mesh.root / "laptop").add(bad_id, ALL)
+    bad = subprocess.Popen([sys.executable, str(REPO / "tests" / "bad_provider.py"),
+                            str(bad_dir), str(bad_port), mode, sha], cwd=REPO,
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert bad.stdout.readline().strip() == "ready"
+        mesh.start("desktop")
+        small = mesh.nodes["laptop"]
+        small.args += ["--bootstrap", f"/ip4/127.0.0.1/tcp/{bad_port}/p2p/{bad_id}"]
+        mesh.start("laptop", bootstrap=["desktop"])
+        mesh.wait_peers("laptop", ["desktop", "x"])
+        body = {"model": MODEL, "prompt": "1, 2, 3,", "max_tokens": 20, "temperature": 0,
+                "stream": True}
+        pieces, served, finish, first = [], [], None, None
+        for ev, headers in _stream(small.api, body):
+            first = first or headers["x-qvac-served-by"]
+            if ev["choices"] and ev["choices"][0]["text"]:
+                pieces.append(ev["choices"][0]["text"])
+            if ev["choices"] and ev["choices"][0]["finish_reason"]:
+                finish = ev["choices"][0]["finish_reason"]
+                served = ev["x_qvac_served_by"]
+        assert first == bad_id  # the router trusted its (too good) record at first
+        assert served == [bad_id, mesh.ids["desktop"]]
+        text = "".join(pieces)
+        # The desktop continued after exactly what the bad peer had sent: " 6, 7, ..."
+        assert text.startswith(" 4, 5, 6, 7"), (text, finish, served)
+        assert finish in ("length", "stop")
+        peers = {p["peer_id"]: p for p in httpx.get(small.api + "/qvac/peers").json()["peers"]}
+        assert peers[bad_id]["failures"] >= 1 and peers[bad_id]["backoff_s"] > 0
+        # Backed off: the next request goes straight to the honest desktop.
+        r = httpx.post(small.api + "/v1/completions", timeout=60,
+                       json={"model": MODEL, "prompt": "Hi", "max_tokens": 3})
+        assert r.headers["x-qvac-served-by"] == mesh.ids["desktop"]
+    finally:
+        bad.kill()
+        bad.wait()
