@@ -123,8 +123,12 @@ class RemoteInference:
         holding = [e for e in trusted if e.record is not None and not e.record.is_expired(now)
                    and self._holds(e.record, model)]
         backing = [e for e in holding if not e.available(now)]
-        head = (local_reason.message.split(";")[0] if local_reason else
-                f"model {model} cannot run here")
+        if local_reason is None:
+            head = f"model {model} cannot run here"
+        elif local_reason.code == "NOT_FOUND":  # keep "models here: ..."
+            head = local_reason.message.split(" (add one")[0]
+        else:  # keep the sizes, drop the local advice
+            head = local_reason.message.rsplit(";", 1)[0]
         tail = f"{len(entries)} peers known, {len(trusted)} trusted as providers," \
                f" {len(holding)} of them hold {model}"
         if backing:
