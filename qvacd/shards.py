@@ -1,0 +1,1198 @@
+"""Model distribution over `/qvac/shard/1.0.0`: the seeder side and the puller.
+
+Seeder (`ShardService`): serves a model's manifest (by name or sha256) and its chunks
+by index, in sub-frames of at most 1 MiB read straight from the store blob. Only peers
+with the `seeder` role (or anyone, on a public donor) are served; concurrent uploads and
+the upload rate are capped. Blob reads and manifest builds run in worker threads.
+
+Puller (`Puller.pull`): finds providers (peer-table records and DHT provider records),
+keeps only peers this node trusts (any role: chunk bytes are verified by hash, so trust
+on our side only decides whom we talk to; whether *they* serve *us* is their `seeder`
+role), fetches and cross-checks manifests, then fetches chunks from every provider at
+once, several streams each. Each chunk's sha256 is checked before it is written at its
+offset in `models/partial/<sha>.part`; its index is then appended to
+`<sha>.state` and fsynced, so a killed pull resumes. On resume, claimed chunks are
+re-hashed (one read of what is on disk, ~0.3 s per 250 MB) rather than trusted, so a torn
+state file or a damaged partial can never slip a bad byte through. A provider that sends
+a bad chunk, a wrong manifest, a short chunk, garbage, or stalls is dropped for the pull
+and named; its chunk goes to another provider. Only a file whose whole sha256 matches is
+committed to the store, and the node then announces itself as a provider.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import re
+import struct
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from models.gguf import GGUFError, read_gguf
+from models.manifest import (
+    Manifest,
+    ManifestError,
+    load_or_build_manifest,
+    manifest_path,
+    parse_manifest,
+    save_manifest,
+)
+from models.store import ModelEntry, ModelStore, StoreError, normalize_name
+from protocol import (
+    MAX_CHUNK_PIECE,
+    SHARD_LIMITS,
+    SHARD_PROTOCOL,
+    ChunkClientState,
+    ChunkData,
+    ChunkRequest,
+    Error,
+    ErrorCode,
+    FrameDecoder,
+    ManifestRequest,
+    ManifestResponse,
+    Message,
+    ProtocolError,
+    encode_frame,
+)
+
+log = logging.getLogger("qvacd.shards")
+plog = logging.getLogger("qvacd.pull")
+
+READ_SIZE = 1 << 20  # bytes asked of the stream per read: fewer awaits per byte
+_SHA_RE = re.compile(r"^(?:sha256[:-])?([0-9a-f]{64})$")
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._\-]{0,63}$")
+
+
+# ---- metrics ---------------------------------------------------------------------------
+
+
+class ShardMetrics:
+    """Prometheus metrics of both sides, registered once per registry."""
+
+    def __init__(self, r: CollectorRegistry) -> None:
+        self.upload_bytes = Counter("qvacd_shard_upload_bytes", "Model bytes sent to peers",
+                                    registry=r)
+        self.uploads_active = Gauge("qvacd_shard_uploads_active", "Chunk uploads in progress",
+                                    registry=r)
+        self.shard_requests = Counter("qvacd_shard_requests", "Shard requests served",
+                                      ["kind", "outcome"], registry=r)
+        self.pull_bytes = Counter("qvacd_pull_bytes", "Verified model bytes fetched from peers",
+                                  registry=r)
+        self.pull_resumed_bytes = Counter(
+            "qvacd_pull_resumed_bytes", "Bytes found already verified in a partial download",
+            registry=r)
+        self.pull_chunks = Counter("qvacd_pull_chunks", "Chunk fetches by outcome", ["outcome"],
+                                   registry=r)
+        self.pull_dropped = Counter("qvacd_pull_peers_dropped", "Providers dropped from a pull",
+                                    ["reason"], registry=r)
+        self.pulls = Counter("qvacd_pulls", "Finished pulls by outcome", ["outcome"], registry=r)
+        self.pull_active = Gauge("qvacd_pull_active", "Pulls in progress", registry=r)
+        self.pull_total = Gauge("qvacd_pull_total_bytes", "Size of the model being pulled",
+                                ["model"], registry=r)
+        self.pull_completed = Gauge("qvacd_pull_completed_bytes",
+                                    "Verified bytes of the model being pulled", ["model"],
+                                    registry=r)
+        self.pull_rate = Gauge("qvacd_pull_rate_bytes_per_second", "Current pull rate",
+                               ["model"], registry=r)
+        self.pull_sources = Gauge("qvacd_pull_sources", "Providers in use by a pull", ["model"],
+                                  registry=r)
+
+
+_METRICS: weakref.WeakKeyDictionary[CollectorRegistry, ShardMetrics] = \
+    weakref.WeakKeyDictionary()
+
+
+def shard_metrics(registry: CollectorRegistry | None) -> ShardMetrics:
+    """The ShardMetrics of `registry` (a private one when None); created on first use."""
+    if registry is None:
+        registry = CollectorRegistry()
+    m = _METRICS.get(registry)
+    if m is None:
+        m = _METRICS[registry] = ShardMetrics(registry)
+    return m
+
+
+# ---- stream helpers --------------------------------------------------------------------
+
+
+class _StreamEnded(Exception):
+    pass
+
+
+async def _read_some(stream: Any) -> bytes:
+    """Up to READ_SIZE bytes; b"" at a clean end. _StreamEnded on reset or other failure."""
+    try:
+        return await stream.read(READ_SIZE)
+    except Exception as e:
+        if type(e).__name__ == "StreamEOF" or isinstance(e, EOFError):
+            return b""
+        raise _StreamEnded(f"{type(e).__name__}: {e}"[:200]) from None
+
+
+async def _close(stream: Any, *, reset: bool = False) -> None:
+    with trio.move_on_after(1) as scope:
+        scope.shield = True  # why: runs in finally blocks of cancelled tasks too
+        with contextlib.suppress(Exception):
+            await (stream.reset() if reset else stream.close())
+
+
+async def _write(stream: Any, msg: Message) -> None:
+    await stream.write(encode_frame(msg, SHARD_LIMITS))
+
+
+class _RateLimiter:
+    """Bytes per second across all uploads; 0 means unlimited. Whole frames go out at
+    their scheduled time, so the average rate holds at frame granularity."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = float(rate)
+        self._next = 0.0
+
+    async def take(self, n: int) -> None:
+        if self.rate <= 0:
+            return
+        now = trio.current_time()
+        start = max(now, self._next)
+        self._next = start + n / self.rate
+        if start > now:
+            await trio.sleep(start - now)
+
+
+# ---- seeder ------------------------------------------------------------------------------
+
+
+class ShardService:
+    """Serves `/qvac/shard/1.0.0`. Register `handle` as the protocol's stream handler."""
+
+    def __init__(
+        self,
+        store: ModelStore,
+        *,
+        is_authorized: Callable[[str], bool],
+        max_uploads: int = 4,
+        upload_rate: float = 0.0,  # bytes/s over all uploads; 0 = unlimited
+        request_timeout_s: float = 5.0,
+        chunk_timeout_s: float = 120.0,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.store = store
+        self.is_authorized = is_authorized
+        self.max_uploads = max(1, int(max_uploads))
+        self.rate = _RateLimiter(upload_rate)
+        self.request_timeout_s = request_timeout_s
+        self.chunk_timeout_s = chunk_timeout_s
+        self.metrics = shard_metrics(registry)
+        self.active = 0
+        self._manifests: dict[str, tuple[Manifest, bytes]] = {}
+        self._build_locks: dict[str, trio.Lock] = collections.defaultdict(trio.Lock)
+
+    @classmethod
+    def for_node(cls, node: Any) -> ShardService:
+        cfg = node.config
+
+        def authorized(peer: str) -> bool:
+            return bool(cfg.public_donor) or node.trust.is_trusted(peer, "seeder")
+
+        return cls(node.store, is_authorized=authorized,
+                   max_uploads=getattr(cfg, "shard_max_uploads", 4),
+                   upload_rate=getattr(cfg, "shard_upload_rate", 0),
+                   registry=node.metrics.registry)
+
+    def _count(self, kind: str, outcome: str) -> None:
+        self.metrics.shard_requests.labels(kind, outcome).inc()
+
+    async def handle(self, stream: Any, peer_id: str) -> None:
+        kind, outcome, reset = "unknown", "error", True
+        try:
+            msg = await self._read_request(stream)
+            if msg is None:
+                outcome = "timeout"
+                await _write(stream, Error(ErrorCode.DEADLINE, "no request within"
+                                           f" {self.request_timeout_s:.0f} s of opening the stream"))
+                return
+            kind = "manifest" if isinstance(msg, ManifestRequest) else "chunk"
+            if not isinstance(msg, ManifestRequest | ChunkRequest):
+                kind, outcome = "unknown", "protocol"
+                await _write(stream, Error(ErrorCode.PROTOCOL, f"{SHARD_PROTOCOL} expects a"
+                                           f" manifest or chunk request, got {msg.tag!r}"))
+                return
+            if not self.is_authorized(peer_id):
+                outcome = "unauthorized"
+                await _write(stream, Error(ErrorCode.UNAUTHORIZED, f"this node does not trust"
+                                           f" peer {peer_id} with the seeder role; on this node"
+                                           f" run `qvacd trust add {peer_id} --roles seeder`"))
+                reset = False
+                return
+            if isinstance(msg, ManifestRequest):
+                outcome = await self._serve_manifest(stream, msg)
+            else:
+                outcome = await self._serve_chunk(stream, msg, peer_id)
+            reset = outcome not in ("ok", "not_found", "busy", "bad_request")
+        except ProtocolError as e:
+            outcome = "protocol"
+            log.info("shard request from %s was malformed: %s", peer_id, e)
+            with contextlib.suppress(Exception), trio.move_on_after(1):
+                await _write(stream, Error.from_exception(e))
+        except _StreamEnded:
+            outcome = "gone"
+        except Exception as e:
+            if type(e).__module__.startswith("libp2p") or isinstance(e, OSError):
+                outcome = "gone"  # the peer reset or went away mid-chunk
+                log.debug("shard stream to %s ended: %s", peer_id, e)
+            else:
+                log.exception("shard handler failed for %s", peer_id)
+                with contextlib.suppress(Exception), trio.move_on_after(1):
+                    await _write(stream, Error(ErrorCode.INTERNAL, "seeder error; try another"
+                                               " peer"))
+        finally:
+            self._count(kind, outcome)
+            await _close(stream, reset=reset and outcome != "ok")
+
+    async def _read_request(self, stream: Any) -> Message | None:
+        decoder = FrameDecoder(SHARD_LIMITS)
+        with trio.move_on_after(self.request_timeout_s):
+            while True:
+                msg = decoder.next_message()
+                if msg is not None:
+                    return msg
+                data = await _read_some(stream)
+                if not data:
+                    decoder.feed_eof()
+                    msg = decoder.next_message()
+                    if msg is None:
+                        raise ProtocolError(ErrorCode.PROTOCOL, "stream ended before a request")
+                    return msg
+                decoder.feed(data)
+        return None
+
+    def _resolve(self, name_or_sha: str) -> ModelEntry | None:
+        entry = self.store.resolve(name_or_sha)
+        if entry is None or not self.store.check_blob(entry):
+            return None
+        return entry
+
+    async def manifest_for(self, entry: ModelEntry) -> tuple[Manifest, bytes]:
+        """Cached in memory and on disk; built once in a worker thread otherwise."""
+        got = self._manifests.get(entry.sha256)
+        if got is not None:
+            return got
+        async with self._build_locks[entry.sha256]:
+            got = self._manifests.get(entry.sha256)
+            if got is None:
+                m = await trio.to_thread.run_sync(load_or_build_manifest, self.store, entry)
+                got = self._manifests[entry.sha256] = (m, m.encode())
+        return got
+
+    async def _serve_manifest(self, stream: Any, msg: ManifestRequest) -> str:
+        entry = self._resolve(msg.model)
+        if entry is None:
+            await _write(stream, Error(ErrorCode.NOT_FOUND, f"no model {msg.model!r} here"))
+            return "not_found"
+        try:
+            _, data = await self.manifest_for(entry)
+        except ManifestError as e:
+            log.error("cannot serve the manifest of %s: %s", entry.name, e)
+            await _write(stream, Error(ErrorCode.INTERNAL, f"the seeder's copy of {entry.name}"
+                                       " is unusable; try another peer"))
+            return "internal"
+        await _write(stream, ManifestResponse(manifest=data))
+        return "ok"
+
+    async def _serve_chunk(self, stream: Any, msg: ChunkRequest, peer: str) -> str:
+        entry = self._resolve(msg.sha256)
+        if entry is None or entry.sha256 != msg.sha256:
+            await _write(stream, Error(ErrorCode.NOT_FOUND, f"no model {msg.sha256} here"))
+            return "not_found"
+        try:
+            manifest, _ = await self.manifest_for(entry)
+        except ManifestError:
+            await _write(stream, Error(ErrorCode.INTERNAL, "the seeder's copy is unusable"))
+            return "internal"
+        if msg.index >= manifest.n_chunks:
+            await _write(stream, Error(ErrorCode.BAD_REQUEST, f"chunk {msg.index} is out of"
+                                       f" range; the model has {manifest.n_chunks} chunks"))
+            return "bad_request"
+        if self.active >= self.max_uploads:
+            await _write(stream, Error(ErrorCode.BUSY, f"{self.active} uploads in progress"
+                                       f" (limit {self.max_uploads})", retry_after=0.5))
+            return "busy"
+        self.active += 1
+        self.metrics.uploads_active.inc()
+        try:
+            with trio.move_on_after(self.chunk_timeout_s) as scope:
+                await self._send_chunk(stream, entry, manifest, msg.index)
+            if scope.cancelled_caught:
+                log.info("chunk %d to %s took over %.0f s; gave up", msg.index, peer,
+                         self.chunk_timeout_s)
+                return "timeout"
+            return "ok"
+        finally:
+            self.active -= 1
+            self.metrics.uploads_active.dec()
+
+    def read_chunk(self, entry: ModelEntry, manifest: Manifest, index: int) -> bytes:
+        """The bytes of chunk `index` (blocking; runs in a worker thread). Tests subclass
+        the service and override this to play a dishonest seeder."""
+        length = manifest.chunk_length(index)
+        fd = os.open(entry.path, os.O_RDONLY)
+        try:
+            data = os.pread(fd, length, manifest.chunk_offset(index))
+        finally:
+            os.close(fd)
+        if len(data) != length:
+            raise OSError(errno.EIO, f"{entry.path} is shorter than its manifest says")
+        return data
+
+    async def _send_chunk(self, stream: Any, entry: ModelEntry, manifest: Manifest,
+                          index: int) -> None:
+        data = await trio.to_thread.run_sync(self.read_chunk, entry, manifest, index)
+        view = memoryview(data)
+        total = len(data)
+        offset = 0
+        while True:
+            piece = bytes(view[offset : offset + MAX_CHUNK_PIECE])
+            last = offset + len(piece) >= total
+            await self.rate.take(len(piece))
+            await _write(stream, ChunkData(index=index, offset=offset, data=piece, last=last))
+            self.metrics.upload_bytes.inc(len(piece))
+            offset += len(piece)
+            if last:
+                return
+
+
+# ---- the partial file ------------------------------------------------------------------
+
+_STATE_MAGIC = b"QVACPRT1"
+_STATE_HEADER = struct.Struct("<8sQII")  # magic, size, chunk_size, n_chunks
+
+
+class PartialFile:
+    """`<partial>/<sha>.part` (chunks at their offsets) and `<sha>.state` (a header, then
+    the u32 index of every chunk verified and fsynced). Blocking methods: call them from
+    worker threads."""
+
+    def __init__(self, directory: Path, manifest: Manifest) -> None:
+        self.dir = directory
+        self.manifest = manifest
+        self.path = directory / f"{manifest.sha256}.part"
+        self.state_path = directory / f"{manifest.sha256}.state"
+        self._fd: int | None = None
+        self._state_fd: int | None = None
+        self._lock = threading.Lock()
+
+    def _header(self) -> bytes:
+        m = self.manifest
+        # why no chunk hashes: claims are re-hashed against whichever manifest is in use,
+        # so chunks verified under a manifest that turned out false are kept if they match
+        return _STATE_HEADER.pack(_STATE_MAGIC, m.size, m.chunk_size, m.n_chunks)
+
+    def _claimed(self) -> list[int]:
+        try:
+            raw = self.state_path.read_bytes()
+        except FileNotFoundError:
+            return []
+        header = self._header()
+        if not raw.startswith(header):
+            return []  # another chunk size, or a torn header: nothing is claimed
+        body = raw[len(header):]
+        body = body[: len(body) - len(body) % 4]  # a torn last append is ignored
+        n = self.manifest.n_chunks
+        return sorted({i for (i,) in struct.iter_unpack("<I", body) if i < n})
+
+    def open(self) -> set[int]:
+        """Open (creating) both files, reserve the disk space, and return the chunks that
+        are already on disk and still hash right."""
+        m = self.manifest
+        self.dir.mkdir(parents=True, exist_ok=True)
+        claimed = self._claimed()
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if os.fstat(fd).st_size > m.size:
+                os.ftruncate(fd, m.size)
+            try:
+                # why: fail now, with a clear error, rather than at 90 % when the disk fills
+                os.posix_fallocate(fd, 0, m.size)
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                os.ftruncate(fd, max(os.fstat(fd).st_size, m.size))  # no fallocate here
+            verified = set()
+            for i in claimed:
+                data = os.pread(fd, m.chunk_length(i), m.chunk_offset(i))
+                if hashlib.sha256(data).digest() == m.chunk_hash(i):
+                    verified.add(i)
+            tmp = self.state_path.with_suffix(".state-new")
+            with open(tmp, "wb") as f:
+                f.write(self._header() + b"".join(struct.pack("<I", i) for i in sorted(verified)))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.state_path)
+            self._state_fd = os.open(self.state_path, os.O_WRONLY | os.O_APPEND)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        return verified
+
+    def store_chunk(self, index: int, pieces: list[bytes]) -> bool:
+        """Verify chunk `index` against the manifest; if good, write it, fsync, and record
+        it in the state file. False (nothing written) when the hash does not match."""
+        m = self.manifest
+        h = hashlib.sha256()
+        n = 0
+        for p in pieces:
+            h.update(p)
+            n += len(p)
+        if n != m.chunk_length(index) or h.digest() != m.chunk_hash(index):
+            return False
+        assert self._fd is not None and self._state_fd is not None
+        offset = m.chunk_offset(index)
+        for p in pieces:
+            written = os.pwrite(self._fd, p, offset)
+            if written != len(p):
+                raise OSError(errno.EIO, "short write to the partial file")
+            offset += written
+        os.fdatasync(self._fd)  # why: the state may only claim bytes that are durable
+        with self._lock:
+            os.write(self._state_fd, struct.pack("<I", index))
+            os.fsync(self._state_fd)
+        return True
+
+    def whole_sha256(self) -> str:
+        h = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            while block := f.read(4 << 20):
+                h.update(block)
+        return h.hexdigest()
+
+    def close(self) -> None:
+        for fd in (self._fd, self._state_fd):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._fd = self._state_fd = None
+
+    def discard(self) -> None:
+        self.close()
+        for p in (self.path, self.state_path):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+
+# ---- the puller --------------------------------------------------------------------------
+
+
+class PullError(Exception):
+    """A pull failed. `status` is the HTTP status the API answers with; the message is
+    one line that says what happened and what to do."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class _PeerFault(Exception):
+    """This provider misbehaved or failed: drop it for this pull."""
+
+    def __init__(self, reason: str, kind: str, code: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.kind = kind  # metrics label: bad_chunk, short, stall, protocol, refused, ...
+        self.code = code  # the peer's Error.code when it refused
+
+
+class _AllFailed(PullError):
+    """Every provider of one manifest failed; another manifest's providers may do."""
+
+
+class _ManifestFalse(Exception):
+    """The chunks of a manifest do not make up its model: whoever served it lied."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _Busy(Exception):
+    def __init__(self, retry_after: float) -> None:
+        super().__init__("busy")
+        self.retry_after = retry_after
+
+
+@dataclass
+class PullOptions:
+    streams_per_provider: int = 4  # concurrent chunk streams to one provider
+    max_providers: int = 8  # providers used at once
+    max_inflight: int = 16  # chunks in memory at once, all providers together
+    open_timeout_s: float = 10.0  # dial + protocol negotiation
+    manifest_timeout_s: float = 15.0
+    stall_timeout_s: float = 15.0  # no bytes for this long: the provider is stalled
+    min_rate: float = 64 * 1024  # slower than this over a whole chunk: stalled too
+    dht_timeout_s: float = 5.0  # DHT provider lookup when no record lists the model
+    max_busy_s: float = 120.0  # a provider busy for longer than this is dropped
+    progress_interval_s: float = 0.25
+
+
+@dataclass
+class _Download:
+    key: str
+    target: str
+    from_peer: str | None
+    subscribers: list[Callable[[dict[str, Any]], None]] = field(default_factory=list)
+    waiters: int = 0
+    done: trio.Event = field(default_factory=trio.Event)
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    result: ModelEntry | None = None
+    error: PullError | None = None
+    # progress
+    status: str = "pulling manifest"
+    sha256: str | None = None
+    name: str | None = None
+    total: int = 0
+    completed: int = 0  # verified bytes on disk (resumed + fetched)
+    resumed: int = 0  # found on disk at the start of this pull
+    fetched: int = 0  # verified bytes received from peers in this pull
+    sources: set[str] = field(default_factory=set)  # providers in use right now
+    used: set[str] = field(default_factory=set)  # providers that delivered a chunk
+    dropped: dict[str, str] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+    _samples: collections.deque = field(default_factory=lambda: collections.deque(maxlen=64))
+
+    def rate(self) -> float:
+        """Bytes/s over the last ~3 s of verified chunks."""
+        now = time.monotonic()
+        while self._samples and now - self._samples[0][0] > 3.0:
+            self._samples.popleft()
+        if not self._samples:
+            return 0.0
+        span = max(now - self._samples[0][0], 0.25)
+        return sum(n for _, n in self._samples) / span
+
+    def event(self) -> dict[str, Any]:
+        ev: dict[str, Any] = {"status": self.status}
+        if self.status in ("downloading", "verifying sha256 digest", "success"):
+            sources = self.sources if self.status == "downloading" else self.used
+            ev.update(digest=f"sha256:{self.sha256}", total=self.total,
+                      completed=self.completed, sources=len(sources),
+                      rate=round(self.rate()), resumed=self.resumed, fetched=self.fetched)
+            if self.dropped:
+                ev["dropped"] = dict(self.dropped)
+        if self.status == "success" and self.result is not None:
+            ev["model"] = self.result.name
+        return ev
+
+    def emit(self) -> None:
+        ev = self.event()
+        for fn in list(self.subscribers):
+            try:
+                fn(ev)
+            except Exception:  # why: a broken subscriber must not break the download
+                plog.exception("pull progress subscriber failed")
+
+
+def _parse_sha(text: str) -> str | None:
+    m = _SHA_RE.match(text.strip().lower())
+    return m.group(1) if m else None
+
+
+class Puller:
+    """Pulls models from trusted peers. Start `run` in a nursery first (the node does),
+    then call `pull` from anywhere; pulls of the same model share one download."""
+
+    def __init__(
+        self,
+        store: ModelStore,
+        network: Any,
+        trust: Any,
+        *,
+        registry: CollectorRegistry | None = None,
+        options: PullOptions | None = None,
+    ) -> None:
+        self.store = store
+        self.network = network
+        self.trust = trust
+        self.options = options or PullOptions()
+        self.metrics = shard_metrics(registry)
+        self.partial_dir = store.root / "partial"
+        self._active: dict[str, _Download] = {}
+        self._nursery: trio.Nursery | None = None
+
+    @classmethod
+    def for_node(cls, node: Any, options: PullOptions | None = None) -> Puller:
+        return cls(node.store, node.network, node.trust, registry=node.metrics.registry,
+                   options=options)
+
+    async def run(self, *, task_status: trio.TaskStatus[Puller] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Owns the download tasks; returns (cancelling them) when cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                task_status.started(self)
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+
+    def active(self) -> list[dict[str, Any]]:
+        return [{"target": d.target, **d.event()} for d in self._active.values()]
+
+    # -- public entry point ------------------------------------------------------------
+
+    async def pull(
+        self,
+        name_or_sha: str,
+        *,
+        from_peer: str | None = None,
+        progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> ModelEntry:
+        """Fetch a model (name, alias or sha256) from trusted peers into the store.
+
+        `progress(event)` gets Ollama-style dicts (status, digest, total, completed, plus
+        sources, rate, resumed, fetched, dropped). Cancelling the last waiter of a
+        download cancels it; its partial file stays for the next pull.
+        """
+        target = name_or_sha.strip()
+        if not target or len(target) > 256:
+            raise PullError(400, "give a model name or a sha256 to pull")
+        if from_peer is not None:
+            from_peer = self._check_peer_id(from_peer)
+        if self._nursery is None:
+            raise PullError(503, "the puller is not running; the daemon is starting or"
+                            " stopping, try again")
+        sha = _parse_sha(target)
+        key = f"{sha or normalize_name(target)}@{from_peer or '*'}"
+        dl = self._active.get(key)
+        if dl is None:
+            dl = _Download(key=key, target=sha or target, from_peer=from_peer)
+            self._active[key] = dl
+            self._nursery.start_soon(self._run_download, dl)
+        dl.waiters += 1
+        if progress is not None:
+            dl.subscribers.append(progress)
+            progress(dl.event())
+        try:
+            await dl.done.wait()  # bounded: every step of the download has a timeout
+        finally:
+            dl.waiters -= 1
+            if progress is not None:
+                with contextlib.suppress(ValueError):
+                    dl.subscribers.remove(progress)
+            if dl.waiters == 0 and not dl.done.is_set():
+                plog.info("pull of %s cancelled: nobody is waiting for it", dl.target)
+                dl.scope.cancel()
+        if dl.error is not None:
+            raise dl.error
+        assert dl.result is not None
+        return dl.result
+
+    @staticmethod
+    def _check_peer_id(peer: str) -> str:
+        try:
+            from libp2p.peer.id import ID
+
+            return ID.from_base58(peer.strip()).to_base58()
+        except Exception:
+            raise PullError(400, f"{peer[:80]!r} is not a peer id (they look like"
+                            " 12D3KooW...)") from None
+
+    def _trusted(self, peer: str) -> bool:
+        try:
+            return bool(self.trust.roles_of(peer))
+        except Exception:
+            return False
+
+    # -- one download ------------------------------------------------------------------
+
+    async def _run_download(self, dl: _Download) -> None:
+        self.metrics.pull_active.inc()
+        outcome = "error"
+        try:
+            with dl.scope:
+                dl.result = await self._download(dl)
+                outcome = "success"
+            if dl.result is None and dl.error is None:
+                dl.error = PullError(499, f"the pull of {dl.target} was cancelled; pull again"
+                                     " to resume")
+                outcome = "cancelled"
+        except PullError as e:
+            dl.error = e
+        except Exception as e:
+            plog.exception("pull of %s failed", dl.target)
+            dl.error = PullError(500, f"pull of {dl.target} failed: {type(e).__name__}: {e}")
+        finally:
+            self.metrics.pull_active.dec()
+            self.metrics.pulls.labels(outcome).inc()
+            label = dl.name or dl.target
+            for g in (self.metrics.pull_total, self.metrics.pull_completed,
+                      self.metrics.pull_rate, self.metrics.pull_sources):
+                with contextlib.suppress(KeyError):
+                    g.remove(label)
+            self._active.pop(dl.key, None)
+            if dl.error is not None:
+                plog.warning("pull of %s failed: %s", dl.target, dl.error.message)
+            dl.done.set()
+
+    def _local(self, target: str) -> ModelEntry | None:
+        entry = self.store.resolve(target)
+        if entry is not None and self.store.check_blob(entry):
+            return entry
+        return None
+
+    async def _download(self, dl: _Download) -> ModelEntry:
+        dl.emit()
+        local = self._local(dl.target)
+        if local is not None:
+            return self._succeed(dl, local, None)
+        groups, name, aliases = await self._resolve(dl)
+        dl.name = name
+        last: PullError | None = None
+        for i, (manifest, peers) in enumerate(groups):
+            local = self._local(manifest.sha256)
+            if local is not None:  # held under another name already
+                return self._succeed(dl, local, None)
+            try:
+                entry = await self._download_layout(dl, manifest, peers, name, aliases)
+            except _ManifestFalse as e:
+                for peer in peers:
+                    self._drop(dl, peer, e.reason, "bad_manifest")
+                last = PullError(502, f"the manifest from {', '.join(peers)} is false: {e.reason}")
+                continue
+            except _AllFailed as e:
+                last = e
+                continue
+            for _, others in groups[i + 1:] + groups[:i]:
+                for peer in others:
+                    self._drop(dl, peer, "its manifest disagrees with the verified file",
+                               "bad_manifest")
+            return entry
+        assert last is not None
+        raise last
+
+    async def _download_layout(self, dl: _Download, manifest: Manifest, providers: list[str],
+                               name: str, aliases: tuple[str, ...]) -> ModelEntry:
+        """One attempt with one manifest and the providers that agree on it."""
+        dl.sha256, dl.total = manifest.sha256, manifest.size
+        partial = PartialFile(self.partial_dir, manifest)
+        try:
+            verified = await trio.to_thread.run_sync(partial.open)
+        except OSError as e:
+            partial.close()
+            raise self._disk_error(e, manifest) from None
+        try:
+            resumed = sum(manifest.chunk_length(i) for i in verified)
+            dl.completed = resumed
+            dl.resumed = max(dl.resumed, resumed)
+            if resumed:
+                self.metrics.pull_resumed_bytes.inc(resumed)
+                plog.info("pull of %s resumes with %d of %d chunks already verified", name,
+                          len(verified), manifest.n_chunks)
+            dl.status = "downloading"
+            dl.emit()
+            missing = [i for i in range(manifest.n_chunks) if i not in verified]
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._report, dl)
+                await self._fetch_chunks(dl, manifest, partial, providers, missing)
+                nursery.cancel_scope.cancel()
+            dl.status = "verifying sha256 digest"
+            dl.emit()
+            sha = await trio.to_thread.run_sync(partial.whole_sha256)
+            if sha != manifest.sha256:
+                # Every chunk matched the manifest, so the manifest itself lied.
+                partial.discard()
+                raise _ManifestFalse(f"its chunks make a file that hashes to {sha}, not"
+                                     f" {manifest.sha256}")
+            try:
+                info = await trio.to_thread.run_sync(read_gguf, partial.path)
+            except GGUFError as e:
+                partial.discard()
+                raise _ManifestFalse(f"the file it describes is not a usable model: {e}") \
+                    from None
+            partial.close()
+            try:
+                entry = self.store.commit(partial.path, name, manifest.sha256, info,
+                                          aliases=aliases)
+            except (OSError, StoreError) as e:
+                raise PullError(500, f"cannot add the pulled model to the store: {e}") from e
+        finally:
+            partial.close()
+        with contextlib.suppress(FileNotFoundError):
+            partial.path.unlink()  # only left if the blob already existed
+        with contextlib.suppress(FileNotFoundError):
+            partial.state_path.unlink()
+        with contextlib.suppress(OSError):
+            save_manifest(self.store, manifest)  # serve it onward without a rebuild
+        return self._succeed(dl, entry, manifest)
+
+    def _succeed(self, dl: _Download, entry: ModelEntry, manifest: Manifest | None) -> ModelEntry:
+        dl.result = entry
+        dl.sha256, dl.total, dl.name = entry.sha256, entry.size, entry.name
+        dl.completed = entry.size
+        dl.status = "success"
+        if manifest is not None:
+            plog.info("pulled %s (sha256 %s, %d bytes: %d fetched, %d resumed) from %d peer(s)"
+                      " in %.1f s%s", entry.name, entry.sha256, entry.size, dl.fetched,
+                      dl.resumed, len(dl.used), time.monotonic() - dl.started,
+                      f"; dropped {dl.dropped}" if dl.dropped else "")
+            if self.network is not None:
+                self.network.capacity_changed()  # announce: we can seed it now
+        dl.emit()
+        return entry
+
+    def _disk_error(self, e: OSError, manifest: Manifest) -> PullError:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return PullError(507, f"disk full: the model needs {manifest.size} bytes in"
+                             f" {self.partial_dir}; free some space and pull again (the"
+                             " partial download is kept and resumes)")
+        return PullError(500, f"cannot write the partial download in {self.partial_dir}:"
+                         f" {e.strerror or e}")
+
+    async def _report(self, dl: _Download) -> None:
+        label = dl.name or dl.target
+        while True:
+            self.metrics.pull_total.labels(label).set(dl.total)
+            self.metrics.pull_completed.labels(label).set(dl.completed)
+            self.metrics.pull_rate.labels(label).set(dl.rate())
+            self.metrics.pull_sources.labels(label).set(len(dl.sources))
+            dl.emit()
+            await trio.sleep(self.options.progress_interval_s)
+
+    # -- finding providers and the manifest --------------------------------------------
+
+    def _from_records(self, sha: str | None, name: str | None) -> dict[str, str]:
+        """peer -> model sha256, from unexpired capacity records listing the model."""
+        out: dict[str, str] = {}
+        if self.network is None:
+            return out
+        now = time.time()
+        for entry in self.network.table:
+            rec = entry.record
+            if rec is None or rec.is_expired(now):
+                continue
+            for m in rec.models:
+                if (sha is not None and m.sha256 == sha) or (name is not None and m.name == name):
+                    out[entry.peer_id] = m.sha256
+                    break
+        return out
+
+    def _record_name(self, sha: str) -> str | None:
+        names = collections.Counter()
+        if self.network is not None:
+            for entry in self.network.table:
+                if entry.record is not None:
+                    names.update(m.name for m in entry.record.models if m.sha256 == sha)
+        for name, _ in names.most_common():
+            if _NAME_RE.match(name):
+                return name
+        return None
+
+    async def _resolve(
+        self, dl: _Download
+    ) -> tuple[list[tuple[Manifest, list[str]]], str, tuple[str, ...]]:
+        """Manifests offered by trusted providers, grouped by layout, best first; the
+        name to store the model under; aliases to add."""
+        if self.network is None:
+            raise PullError(503, "this node runs without the peer-to-peer side (--no-p2p);"
+                            " it cannot pull models")
+        sha = _parse_sha(dl.target)
+        name = None if sha else normalize_name(dl.target)
+        opts = self.options
+        known = {e.peer_id for e in self.network.table if e.record is not None}
+        holders = self._from_records(sha, name)
+        if dl.from_peer is not None:
+            holders = {dl.from_peer: holders.get(dl.from_peer, sha or "")}
+        elif sha is not None:
+            wait = 1.0 if holders else opts.dht_timeout_s
+            try:
+                for peer in await self.network.find_model_providers(sha, timeout=wait):
+                    holders.setdefault(peer, sha)
+            except Exception as e:  # why: a DHT failure must not hide the table's answer
+                plog.info("DHT provider lookup for %s failed: %s", sha, e)
+        elif not holders:
+            # The name may be an alias no record carries: ask trusted connected peers.
+            holders = {p: "" for p in self.network.connected_peers() if self._trusted(p)}
+        holders.pop(getattr(self.network, "peer_id_str", None), None)
+        asked = len(known | set(holders))
+        if not holders:
+            raise PullError(404, f"no peer has model {dl.target!r}: asked {asked} peer(s);"
+                            " check the name with `qvacd peers`, or pull by sha256")
+        untrusted = [p for p in holders if not self._trusted(p)]
+        trusted = [p for p in holders if p not in untrusted]
+        if not trusted:
+            raise PullError(403, f"model {dl.target!r} is only on peers this node does not"
+                            f" trust ({', '.join(untrusted[:4])}); trust one with `qvacd"
+                            " trust add PEER --roles provider`")
+        # Prefer peers whose record lists the model, then the rest; cap the fan-out.
+        trusted.sort(key=lambda p: (holders[p] == "", p))
+        candidates = trusted[: opts.max_providers * 2]
+        manifests: dict[str, Manifest] = {}
+        failures: dict[str, str] = {}
+
+        async def ask(peer: str) -> None:
+            want = sha or holders.get(peer) or dl.target
+            try:
+                with trio.fail_after(opts.manifest_timeout_s):
+                    manifests[peer] = await self._fetch_manifest(
+                        peer, want, sha or holders.get(peer) or None)
+            except trio.TooSlowError:
+                failures[peer] = _PeerFault(f"no manifest within {opts.manifest_timeout_s:.0f} s",
+                                            "stall")
+            except _PeerFault as f:
+                failures[peer] = f
+
+        async with trio.open_nursery() as nursery:
+            for peer in candidates:
+                nursery.start_soon(ask, peer)
+        for peer, f in failures.items():
+            self._drop(dl, peer, f.reason, f.kind)
+        if not manifests:
+            detail = "; ".join(f"{p}: {f.reason}" for p, f in failures.items())
+            codes = {f.code for f in failures.values()}
+            status = 403 if codes == {"unauthorized"} else 404 if codes == {"not_found"} else 502
+            raise PullError(status, f"no trusted peer served {dl.target!r} (asked"
+                            f" {len(candidates)} of {asked} peer(s)): {detail}")
+        # Providers that agree on a layout form a group; the largest group is tried first
+        # (ties: smallest peer id, for stable behaviour). A group whose chunks do not make
+        # up the file is blamed and the next one tried, so a liar in a 1-1 tie cannot get
+        # an honest peer dropped.
+        by_layout: dict[tuple, list[str]] = collections.defaultdict(list)
+        for peer in sorted(manifests):
+            by_layout[manifests[peer].layout_key()].append(peer)
+        ordered = sorted(by_layout.values(), key=lambda ps: (-len(ps), ps[0]))
+        groups = [(manifests[ps[0]], ps[: opts.max_providers]) for ps in ordered]
+        first = groups[0][0]
+        model_name = (name if name and _NAME_RE.match(name) else None) \
+            or self._record_name(first.sha256) \
+            or f"sha256-{first.sha256[:12]}"
+        aliases = tuple(a for a in (normalize_name(dl.target),)
+                        if not sha and a != model_name)
+        plog.info("pull of %s: sha256 %s, %d bytes in %d chunks; providers by manifest: %s",
+                  model_name, first.sha256, first.size, first.n_chunks,
+                  " | ".join(", ".join(ps) for _, ps in groups))
+        return groups, model_name, aliases
+
+    async def _fetch_manifest(self, peer: str, model: str, sha: str | None) -> Manifest:
+        decoder = FrameDecoder(SHARD_LIMITS)
+        stream = await self._open(peer)
+        ok = False
+        try:
+            await _write(stream, ManifestRequest(model=model))
+            reply = await self._read_message(stream, decoder, self.options.manifest_timeout_s)
+            if isinstance(reply, Error):
+                raise _PeerFault(f"refused the manifest: {reply.code.value}: {reply.message}",
+                                 "refused", reply.code.value)
+            if not isinstance(reply, ManifestResponse):
+                raise _PeerFault(f"answered a manifest request with {reply.tag!r}", "protocol")
+            try:
+                m = parse_manifest(reply.manifest, expected_sha256=sha)
+            except ManifestError as e:
+                raise _PeerFault(f"sent a bad manifest: {e}", "bad_manifest") from None
+            ok = True
+            return m
+        except _StreamEnded as e:
+            raise _PeerFault(f"the manifest stream broke: {e}", "gone") from None
+        except ProtocolError as e:
+            raise _PeerFault(f"sent a malformed frame: {e}", "protocol") from None
+        finally:
+            await _close(stream, reset=not ok)
+
+    async def _open(self, peer: str) -> Any:
+        try:
+            return await self.network.open_stream(peer, SHARD_PROTOCOL,
+                                                  timeout=self.options.open_timeout_s)
+        except Exception as e:
+            raise _PeerFault(f"unreachable: {e}"[:300], "unreachable") from None
+
+    async def _read_message(self, stream: Any, decoder: FrameDecoder, stall: float) -> Message:
+        while True:
+            msg = decoder.next_message()
+            if msg is not None:
+                return msg
+            data: bytes | None = None
+            with trio.move_on_after(stall):
+                data = await _read_some(stream)
+            if data is None:
+                raise _PeerFault(f"stalled: nothing for {stall:.0f} s", "stall")
+            if data:
+                decoder.feed(data)
+                continue
+            decoder.feed_eof()
+            msg = decoder.next_message()
+            if msg is None:
+                raise _PeerFault("closed the stream without an answer", "gone")
+            return msg
+
+    # -- fetching chunks ---------------------------------------------------------------
+
+    def _drop(self, dl: _Download, peer: str, reason: str, kind: str) -> None:
+        if peer in dl.dropped:
+            return
+        dl.dropped[peer] = reason
+        dl.sources.discard(peer)
+        self.metrics.pull_dropped.labels(kind).inc()
+        plog.warning("pull of %s: dropped provider %s: %s", dl.name or dl.target, peer, reason)
+
+    async def _fetch_chunks(self, dl: _Download, manifest: Manifest, partial: PartialFile,
+                            providers: list[str], missing: list[int]) -> None:
+        opts = self.options
+        pending = collections.deque(missing)
+        left = set(missing)
+        changed = [trio.Event()]
+        inflight = trio.Semaphore(opts.max_inflight)
+        scopes: dict[str, trio.CancelScope] = {}
+
+        def notify() -> None:
+            changed[0].set()
+            changed[0] = trio.Event()
+
+        def drop(peer: str, reason: str, kind: str) -> None:
+            self._drop(dl, peer, reason, kind)
+            if peer in scopes:
+                scopes[peer].cancel()
+            notify()
+
+        async def worker(peer: str, busy_since: list[float | None]) -> None:
+            while left:
+                if not pending:
+                    with trio.move_on_after(1.0):
+                        await changed[0].wait()  # a chunk may come back if its peer fails
+                    continue
+                index = pending.popleft()
+                finished = False
+                try:
+                    async with inflight:
+                        pieces = await self._fetch_chunk(peer, manifest, index)
+                        good = await trio.to_thread.run_sync(partial.store_chunk, index, pieces)
+                    if not good:
+                        raise _PeerFault(f"sent chunk {index} that failed its sha256 check",
+                                         "bad_chunk")
+                    finished = True
+                    busy_since[0] = None
+                    n = manifest.chunk_length(index)
+                    dl.used.add(peer)
+                    left.discard(index)
+                    dl.completed += n
+                    dl.fetched += n
+                    dl._samples.append((time.monotonic(), n))
+                    self.metrics.pull_bytes.inc(n)
+                    self.metrics.pull_chunks.labels("ok").inc()
+                except _Busy as b:
+                    now = time.monotonic()
+                    busy_since[0] = busy_since[0] or now
+                    if now - busy_since[0] > opts.max_busy_s:
+                        drop(peer, f"busy for over {opts.max_busy_s:.0f} s", "busy")
+                        return
+                    await trio.sleep(min(max(b.retry_after, 0.05), 5.0))
+                except _PeerFault as f:
+                    self.metrics.pull_chunks.labels(f.kind).inc()
+                    drop(peer, f.reason, f.kind)
+                    return
+                except OSError as e:
+                    raise self._disk_error(e, manifest) from None
+                finally:
+                    if not finished:
+                        pending.appendleft(index)  # someone else fetches it
+                    notify()
+
+        async def provider(peer: str) -> None:
+            busy_since: list[float | None] = [None]
+            with trio.CancelScope() as scope:
+                scopes[peer] = scope
+                dl.sources.add(peer)
+                try:
+                    async with trio.open_nursery() as nursery:
+                        for _ in range(opts.streams_per_provider):
+                            nursery.start_soon(worker, peer, busy_since)
+                finally:
+                    dl.sources.discard(peer)
+
+        async with trio.open_nursery() as nursery:
+            for peer in providers:
+                if peer not in dl.dropped:
+                    nursery.start_soon(provider, peer)
+        if left:
+            detail = "; ".join(f"{p}: {r}" for p, r in dl.dropped.items()) or "none answered"
+            raise _AllFailed(502, f"every provider of {dl.name} failed with {len(left)} of"
+                            f" {manifest.n_chunks} chunks missing ({detail}); pull again to"
+                            " resume from what was verified")
+
+    async def _fetch_chunk(self, peer: str, manifest: Manifest, index: int) -> list[bytes]:
+        opts = self.options
+        length = manifest.chunk_length(index)
+        request = ChunkRequest(sha256=manifest.sha256, index=index)
+        deadline = opts.stall_timeout_s + opts.open_timeout_s + length / opts.min_rate
+        state = ChunkClientState(request)
+        decoder = FrameDecoder(SHARD_LIMITS)
+        pieces: list[bytes] = []
+        stream = None
+        ok = False
+        try:
+            with trio.move_on_after(deadline) as whole:
+                stream = await self._open(peer)
+                await stream.write(encode_frame(request, SHARD_LIMITS))
+                while not state.finished:
+                    msg = decoder.next_message()
+                    if msg is None:
+                        data = b""
+                        with trio.move_on_after(opts.stall_timeout_s) as stalled:
+                            data = await _read_some(stream)
+                        if stalled.cancelled_caught:
+                            raise _PeerFault(f"stalled: no data for {opts.stall_timeout_s:.0f}"
+                                             f" s in chunk {index}", "stall")
+                        if data:
+                            decoder.feed(data)
+                        else:
+                            decoder.feed_eof()
+                            if decoder.next_message() is None:
+                                state.receive_eof()  # raises: ended before the last piece
+                        continue
+                    state.receive(msg)
+                    if isinstance(msg, Error):
+                        if msg.code == ErrorCode.BUSY:
+                            ok = True
+                            raise _Busy(msg.retry_after or 0.5)
+                        raise _PeerFault(f"refused chunk {index}: {msg.code.value}:"
+                                         f" {msg.message}", "refused", msg.code.value)
+                    assert isinstance(msg, ChunkData)
+                    if state.received > length:
+                        raise _PeerFault(f"sent more than the {length} bytes of chunk {index}",
+                                         "protocol")
+                    pieces.append(msg.data)
+            if whole.cancelled_caught:
+                raise _PeerFault(f"too slow: chunk {index} took over {deadline:.0f} s", "stall")
+            if state.received != length:
+                raise _PeerFault(f"sent a short chunk {index}: {state.received} of {length}"
+                                 " bytes", "short")
+            ok = True
+            return pieces
+        except ProtocolError as e:
+            raise _PeerFault(f"broke the protocol in chunk {index}: {e}", "protocol") from None
+        except _StreamEnded as e:
+            raise _PeerFault(f"the stream broke in chunk {index}: {e}", "gone") from None
+        finally:
+            if stream is not None:
+                await _close(stream, reset=not ok)
+
+
+__all__ = [
+    "PartialFile",
+    "PullError",
+    "PullOptions",
+    "Puller",
+    "ShardMetrics",
+    "ShardService",
+    "manifest_path",
+    "shard_metrics",
+]

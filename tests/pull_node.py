@@ -1,0 +1,96 @@
+"""TEMPORARY test launcher: `qvacd start` with model distribution wired in at runtime.
+
+Until qvacd/node.py, qvacd/api.py and qvacd/cli.py wire the shard service, the puller and
+`/api/pull` themselves, integration tests start daemons through this script instead of
+`python -m qvacd.cli start`. It does exactly what the real wiring will do:
+
+    node._init_network:  ShardService.for_node(node) on SHARD_PROTOCOL; Puller.for_node(node)
+    node.run:            the puller's nursery runs beside the node's
+    api.build_app:       POST /api/pull -> api_pull(request, node)
+
+Test-only knobs (environment; the real daemon gets these as config options):
+    QVACD_SHARD_UPLOAD_RATE      seeder upload cap, bytes/s (default unlimited)
+    QVACD_SHARD_MAX_UPLOADS      seeder concurrent uploads (default 4)
+    QVACD_PULL_STALL_TIMEOUT     puller stall timeout, seconds
+    QVACD_TEST_BAD_SEEDER        corrupt | short | stall | manifest: serve with the
+                                 dishonest seeder from tests/pull_bad_seeder.py
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for pull_bad_seeder
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from starlette.routing import Route  # noqa: E402
+
+from protocol import SHARD_PROTOCOL  # noqa: E402
+from qvacd import api as api_mod  # noqa: E402
+from qvacd import cli  # noqa: E402
+from qvacd import node as node_mod  # noqa: E402
+from qvacd.pull_api import api_pull  # noqa: E402
+from qvacd.shards import Puller, PullOptions, ShardService  # noqa: E402
+
+
+def _shard_service(node: node_mod.Node) -> ShardService:
+    rate = float(os.environ.get("QVACD_SHARD_UPLOAD_RATE", "0") or 0)
+    uploads = int(os.environ.get("QVACD_SHARD_MAX_UPLOADS", "4") or 4)
+    bad = os.environ.get("QVACD_TEST_BAD_SEEDER", "")
+    cls: type[ShardService] = ShardService
+    kwargs = {}
+    if bad:
+        from pull_bad_seeder import BadShardService
+
+        cls = BadShardService
+        kwargs = {"mode": bad}
+    svc = ShardService.for_node(node)
+    return cls(node.store, is_authorized=svc.is_authorized, max_uploads=uploads,
+               upload_rate=rate, registry=node.metrics.registry, **kwargs)
+
+
+_orig_init_network = node_mod.Node._init_network
+_orig_run = node_mod.Node.run
+_orig_build_app = api_mod.build_app
+
+
+def _init_network(self: node_mod.Node) -> None:
+    _orig_init_network(self)
+    self.shard_service = _shard_service(self)
+    self.network.set_stream_handler(SHARD_PROTOCOL, self.shard_service.handle)
+    opts = PullOptions()
+    stall = os.environ.get("QVACD_PULL_STALL_TIMEOUT")
+    if stall:
+        opts.stall_timeout_s = float(stall)
+    self.puller = Puller.for_node(self, opts)
+
+
+async def _run(self: node_mod.Node, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async with trio.open_nursery() as nursery:
+        if getattr(self, "puller", None) is not None:
+            await nursery.start(self.puller.run)
+        await _orig_run(self, task_status=task_status)
+        nursery.cancel_scope.cancel()
+
+
+def _build_app(node):
+    app = _orig_build_app(node)
+    inner = getattr(app, "app", app)  # behind the bearer-token guard, if any
+
+    async def pull(request):
+        return await api_pull(request, node)
+
+    inner.router.routes.insert(0, Route("/api/pull", pull, methods=["POST"]))
+    return app
+
+
+node_mod.Node._init_network = _init_network
+node_mod.Node.run = _run
+node_mod.build_app = _build_app
+
+if __name__ == "__main__":
+    sys.exit(cli.main(["start", *sys.argv[1:]]))
