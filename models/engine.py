@@ -421,19 +421,24 @@ class Engine:
                 finally:
                     await send.aclose()
 
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(worker)
-                try:
-                    yield Generation(recv, result)
-                finally:
-                    cancel.set()  # the worker sees it before its next token
-            if cancel.is_set() and result.finish_reason not in ("stop", "length"):
-                result.finish_reason = "cancelled"
-            if result.tokens_per_s:
-                prev = self._tps.get(entry.sha256)
-                # EWMA: one slow request should not swing routing decisions.
-                tps = result.tokens_per_s if prev is None else 0.7 * prev + 0.3 * result.tokens_per_s
-                self._tps[entry.sha256] = m.tokens_per_s = tps
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(worker)
+                    try:
+                        yield Generation(recv, result)
+                    finally:
+                        cancel.set()  # the worker sees it before its next token
+            finally:
+                # Runs even when the caller is being cancelled: the nursery has waited
+                # for the worker thread, so `result` is final here.
+                if cancel.is_set() and result.finish_reason not in ("stop", "length"):
+                    result.finish_reason = "cancelled"
+                if result.tokens_per_s and result.completion_tokens >= 8:
+                    prev = self._tps.get(entry.sha256)
+                    # EWMA: one slow request should not swing routing decisions.
+                    tps = result.tokens_per_s if prev is None else \
+                        0.7 * prev + 0.3 * result.tokens_per_s
+                    self._tps[entry.sha256] = m.tokens_per_s = tps
         finally:
             if llm is not None:
                 m.free.append(llm)

@@ -167,20 +167,21 @@ def cmd_peers(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     t = Table("peer", "trust", "roles", "models", "slots", "tok/s", "rtt ms", "served",
-              "failed", "seen")
+              "failed", "verified")
     for p in peers:
         cap = p.get("capacity") or {}
         models = ",".join(m.get("name", "?") for m in cap.get("models", [])) or "-"
         tps = cap.get("tokens_per_s") or {}
         rtt = p.get("rtt_ms")
-        t.add_row(p["peer_id"][:16] + "…", "yes" if p.get("trusted") else "no",
+        age = p.get("verified_age_s")
+        t.add_row(p["peer_id"][:14] + "…", "yes" if p.get("trusted") else "no",
                   ",".join(p.get("roles", [])) or "-", models,
                   f"{cap.get('slots_free', '-')}/{cap.get('slots_total', '-')}",
                   f"{max(tps.values()):.0f}" if tps else "-",
                   f"{rtt:.1f}" if isinstance(rtt, (int, float)) else "-",
                   str(p.get("served", 0)), str(p.get("failed", 0)),
-                  f"{p['age_s']:.0f}s ago" if isinstance(p.get("age_s"), (int, float)) else "-")
-    Console().print(t)
+                  f"{age:.0f}s ago" if isinstance(age, (int, float)) else "-")
+    Console(width=None if sys.stdout.isatty() else 160).print(t)
     return 0
 
 
@@ -392,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `qvacd id | head -1`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":
