@@ -95,3 +95,18 @@ def test_port_in_use_is_a_clear_error(start_daemon, tmp_path):
     r = run_cli("start", "--data-dir", str(tmp_path / "other"), "--api", f"127.0.0.1:{d.port}",
                 "--no-mdns", "--no-default-model", "--listen", "/ip4/127.0.0.1/tcp/0", timeout=30)
     assert r.returncode == 1 and "cannot listen" in r.stderr
+
+
+@pytest.mark.parametrize("victim", ["identity.key", "trust.json"])
+def test_corrupt_identity_or_trust_refuses_to_start(tmp_path, victim):
+    d = tmp_path / "d"
+    r = run_cli("id", "--data-dir", str(d))
+    assert r.returncode == 0
+    target = d / victim
+    target.write_bytes(b"\x00garbage\xff" * 3)
+    before = target.read_bytes()
+    r = run_cli("start", "--data-dir", str(d), "--api", f"127.0.0.1:{free_port()}", "--no-mdns",
+                "--no-default-model", "--listen", "/ip4/127.0.0.1/tcp/0", timeout=30)
+    assert r.returncode == 1
+    assert str(target) in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert target.read_bytes() == before  # never silently replaced
