@@ -264,3 +264,27 @@ def test_misbehaving_provider_is_dropped_and_stream_fails_over(mesh, tmp_path, m
     finally:
         bad.kill()
         bad.wait()
+
+
+def test_overflow_to_peer_when_local_slots_are_busy(mesh):
+    mesh.add("a")
+    mesh.add("b")
+    mesh.trust("a", "b", ALL)
+    mesh.trust("b", "a", ALL)
+    mesh.start("b")
+    a = mesh.start("a", bootstrap=["b"])
+    mesh.wait_peers("a", ["b"])
+    long = {"model": MODEL, "prompt": "1, 2, 3, 4, 5,", "max_tokens": 400, "temperature": 0,
+            "stream": True}
+    with httpx.stream("POST", a.api + "/v1/completions", json=long, timeout=60) as r:
+        assert r.headers["x-qvac-served-by"] == mesh.ids["a"]  # a had a free slot
+        next(r.iter_lines())
+        short = {"model": MODEL, "prompt": "Hi", "max_tokens": 3}
+        r2 = httpx.post(a.api + "/v1/completions", json=short, timeout=60)
+        assert r2.status_code == 200
+        assert r2.headers["x-qvac-served-by"] == mesh.ids["b"]  # overflowed, not queued
+        r3 = httpx.post(a.api + "/api/generate", timeout=120, json={
+            "model": MODEL, "prompt": "Hi", "stream": False,
+            "options": {"num_predict": 3, "local_only": True}})
+        assert r3.status_code == 200
+        assert r3.headers["x-qvac-served-by"] == mesh.ids["a"]  # waited for the local slot
