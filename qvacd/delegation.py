@@ -39,7 +39,7 @@ from .router import RoutedGeneration
 
 log = logging.getLogger("qvacd.delegation")
 
-FRESH_S = 5.0  # a record older than this is re-fetched directly before routing
+FRESH_S = 8.0  # older than this (the network refreshes every 5 s): re-fetch before routing
 ACCEPT_TIMEOUT_S = 30.0  # peer must accept (or refuse) within this (it may be loading)
 STALL_TIMEOUT_S = 5.0  # silence between frames after acceptance counts as a failure
 DEFAULT_DEADLINE_MS = 10 * 60 * 1000
