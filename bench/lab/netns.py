@@ -1,0 +1,356 @@
+"""The lab's network: N network namespaces on one LAN segment, with per-host impairment.
+
+Every host is a network namespace `qlab<pid>n<i>` with one interface `eth0` holding
+10.77.0.<i+1>/24, a route for multicast (mDNS) and nothing else: no default route, so no
+packet can leave the segment the lab made. The host namespace gets no address on that
+segment at all; the lab reaches each daemon's API through a Unix socket forwarder that
+runs inside the namespace (bench/lab/forward.py), so API traffic never crosses the
+impaired links.
+
+Two ways to join the namespaces, chosen by probing the kernel (`--plane auto`):
+
+- `bridge`: a veth pair per host, host ends enslaved to a Linux bridge `qlab<pid>br`;
+  impairment is `tc qdisc replace dev eth0 root netem delay D jitter J loss L` inside
+  the host's namespace (netem on a host's egress, as on a real slow link).
+- `switch`: for kernels without sch_netem (many cloud and microVM kernels lack it), a TAP
+  device per host, joined by a learning Ethernet switch in user space (bench/lab/switch.py)
+  that applies the same netem semantics (delay, jitter without reordering, random loss)
+  to the frames each host sends.
+
+Either way a link is cut with `ip link set eth0 down` inside the host's namespace.
+
+Names carry the lab's pid, so two labs never collide and a later run can tell a stale
+lab (its pid is gone) from a running one: `cleanup_stale()` removes only stale ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+PREFIX = "qlab"
+SUBNET = "10.77.0"
+RUN_DIR = Path("/run/qvac-lab") if os.path.isdir("/run") else Path("/tmp/qvac-lab-run")
+REPO = Path(__file__).resolve().parent.parent.parent
+
+
+class LabError(Exception):
+    """The lab cannot run here; one sentence that says why and what to do."""
+
+
+def sh(*cmd: str, check: bool = True, timeout: float = 15) -> subprocess.CompletedProcess:
+    r = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise LabError(f"`{' '.join(cmd)}` failed: {(r.stderr or r.stdout).strip()}")
+    return r
+
+
+def nsexec(ns: str, *cmd: str, check: bool = True, timeout: float = 15) -> subprocess.CompletedProcess:
+    return sh("ip", "netns", "exec", ns, *cmd, check=check, timeout=timeout)
+
+
+def preflight() -> None:
+    """Raise LabError unless this process can build namespaces."""
+    if sys.platform != "linux":
+        raise LabError("the mesh lab needs Linux network namespaces; this is " + sys.platform)
+    if os.geteuid() != 0:
+        raise LabError("the mesh lab needs root to create network namespaces:"
+                       " run it with sudo (or as root)")
+    for tool in ("ip", "tc"):
+        if shutil.which(tool) is None:
+            raise LabError(f"the mesh lab needs the `{tool}` tool: install iproute2")
+    probe = f"{PREFIX}{os.getpid()}probe"
+    try:
+        sh("ip", "netns", "add", probe)
+    except (LabError, OSError) as e:
+        raise LabError(f"cannot create a network namespace here ({e}); run the lab on a"
+                       " Linux host or a privileged container") from e
+    finally:
+        sh("ip", "netns", "del", probe, check=False)
+
+
+def netem_available() -> bool:
+    """Whether this kernel has sch_netem (probed on a dummy link in a throwaway namespace)."""
+    probe = f"{PREFIX}{os.getpid()}netem"
+    try:
+        sh("ip", "netns", "add", probe)
+        nsexec(probe, "ip", "link", "add", "d0", "type", "dummy", check=False)
+        r = nsexec(probe, "tc", "qdisc", "add", "dev", "d0", "root", "netem", "delay", "1ms",
+                   check=False)
+        if r.returncode != 0:
+            # no dummy driver: try loopback, which always exists
+            nsexec(probe, "ip", "link", "set", "lo", "up", check=False)
+            r = nsexec(probe, "tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay",
+                       "1ms", check=False)
+        return r.returncode == 0
+    except LabError:
+        return False
+    finally:
+        sh("ip", "netns", "del", probe, check=False)
+
+
+def tun_available() -> bool:
+    return os.path.exists("/dev/net/tun")
+
+
+# ---- stale labs --------------------------------------------------------------------------
+
+_NAME = re.compile(rf"^{PREFIX}(\d+)")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a recycled pid is not our lab
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"bench.lab" in cmd or b"bench/lab" in cmd or b"test_lab" in cmd
+
+
+def _kill_pids(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _ns_pids(ns: str) -> list[int]:
+    r = sh("ip", "netns", "pids", ns, check=False)
+    return [int(x) for x in r.stdout.split() if x.isdigit()]
+
+
+def cleanup_stale(log=print) -> list[str]:
+    """Remove namespaces, links and state of earlier labs whose process is gone."""
+    removed: list[str] = []
+    for line in sh("ip", "netns", "list", check=False).stdout.splitlines():
+        name = line.split()[0] if line.split() else ""
+        m = _NAME.match(name)
+        if not m or _pid_alive(int(m.group(1))):
+            continue
+        _kill_pids(_ns_pids(name))
+        sh("ip", "netns", "del", name, check=False)
+        removed.append(name)
+    for line in sh("ip", "-o", "link", "show", check=False).stdout.splitlines():
+        parts = line.split(":")
+        if len(parts) < 2:
+            continue
+        name = parts[1].strip().split("@")[0]
+        m = _NAME.match(name)
+        if m and not _pid_alive(int(m.group(1))):
+            sh("ip", "link", "del", name, check=False)
+            removed.append(name)
+    if RUN_DIR.is_dir():
+        for f in RUN_DIR.glob("*.json"):
+            try:
+                st = json.loads(f.read_text())
+                pid = int(st["pid"])
+            except (OSError, ValueError, KeyError):
+                f.unlink(missing_ok=True)
+                continue
+            if _pid_alive(pid):
+                continue
+            _kill_pids([p for p in st.get("procs", []) if isinstance(p, int)])
+            work = st.get("work")
+            if work and Path(work).name.startswith("qvac-lab-"):
+                shutil.rmtree(work, ignore_errors=True)
+            f.unlink(missing_ok=True)
+            removed.append(f"state {f.name}")
+    if removed:
+        log(f"cleaned up a stale lab: {', '.join(removed)}")
+    return removed
+
+
+# ---- the LAN -----------------------------------------------------------------------------
+
+
+@dataclass
+class Impair:
+    delay_ms: float = 0.0
+    jitter_ms: float = 0.0
+    loss_pct: float = 0.0
+
+    def __str__(self) -> str:
+        if not (self.delay_ms or self.jitter_ms or self.loss_pct):
+            return "clean"
+        s = f"{self.delay_ms:g} ms"
+        if self.jitter_ms:
+            s += f" ±{self.jitter_ms:g} ms"
+        if self.loss_pct:
+            s += f", {self.loss_pct:g}% loss"
+        return s
+
+
+class Lan:
+    """N namespaces on one segment. `up()` builds it, `down()` removes all of it (idempotent)."""
+
+    def __init__(self, n: int, plane: str = "auto", log=print) -> None:
+        self.n = n
+        self.tag = f"{PREFIX}{os.getpid()}"
+        self.ns = [f"{self.tag}n{i}" for i in range(n)]
+        self.ips = [f"{SUBNET}.{i + 1}" for i in range(n)]
+        self.log = log
+        self.plane = plane
+        self.bridge = f"{self.tag}br"
+        self.switch: subprocess.Popen | None = None
+        self.impairs = [Impair() for _ in range(n)]
+        self.created_ns: list[str] = []
+        self.created_links: list[str] = []
+
+    # -- build -------------------------------------------------------------------------
+
+    def up(self) -> None:
+        if self.plane == "auto":
+            self.plane = "bridge" if netem_available() else "switch"
+        if self.plane == "switch" and not tun_available():
+            raise LabError("this kernel has no sch_netem and no /dev/net/tun: the lab cannot"
+                           " inject latency here; load sch_netem (modprobe sch_netem)")
+        if self.plane == "bridge" and not netem_available():
+            raise LabError("this kernel has no sch_netem (tc qdisc netem): load it with"
+                           " `modprobe sch_netem` or run with --plane switch")
+        for ns in self.ns:
+            sh("ip", "netns", "add", ns)
+            self.created_ns.append(ns)
+            nsexec(ns, "ip", "link", "set", "lo", "up")
+        if self.plane == "bridge":
+            self._up_bridge()
+        else:
+            self._up_switch()
+        for i, ns in enumerate(self.ns):
+            nsexec(ns, "ip", "addr", "add", f"{self.ips[i]}/24", "dev", "eth0")
+            self._link_up(i)
+
+    def _up_bridge(self) -> None:
+        sh("ip", "link", "add", self.bridge, "type", "bridge")
+        self.created_links.append(self.bridge)
+        # why mcast_snooping 0: mDNS must reach every port even before IGMP joins are seen
+        sh("ip", "link", "set", self.bridge, "type", "bridge", "mcast_snooping", "0")
+        sh("ip", "link", "set", self.bridge, "up")
+        for i, ns in enumerate(self.ns):
+            host_end, ns_end = f"{self.tag}v{i}", f"{self.tag}e{i}"
+            sh("ip", "link", "add", host_end, "type", "veth", "peer", "name", ns_end)
+            self.created_links.append(host_end)
+            sh("ip", "link", "set", ns_end, "netns", ns)
+            nsexec(ns, "ip", "link", "set", ns_end, "name", "eth0")
+            sh("ip", "link", "set", host_end, "master", self.bridge)
+            sh("ip", "link", "set", host_end, "up")
+
+    def _up_switch(self) -> None:
+        taps = [f"{self.tag}t{i}" for i in range(self.n)]
+        self.switch = subprocess.Popen(
+            [sys.executable, "-m", "bench.lab.switch", *taps],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, cwd=REPO, start_new_session=True)
+        line = self.switch.stdout.readline().strip()
+        if line != "ready":
+            err = self.switch.stderr.read() if self.switch.poll() is not None else ""
+            raise LabError(f"the user-space switch did not start: {line} {err}".strip())
+        for i, ns in enumerate(self.ns):
+            sh("ip", "link", "set", taps[i], "netns", ns)
+            nsexec(ns, "ip", "link", "set", taps[i], "name", "eth0")
+
+    def _link_up(self, i: int) -> None:
+        ns = self.ns[i]
+        nsexec(ns, "ip", "link", "set", "eth0", "up")
+        # No default route (nothing may leave the lab); multicast needs a route to be sent.
+        # IPv4 drops routes of a device that goes down, so this is redone on every up.
+        nsexec(ns, "ip", "route", "replace", "224.0.0.0/4", "dev", "eth0")
+
+    # -- control -----------------------------------------------------------------------
+
+    def impair(self, i: int, imp: Impair) -> None:
+        """netem on host i's egress: every frame it sends is delayed/jittered/dropped."""
+        self.impairs[i] = imp
+        if self.plane == "bridge":
+            ns = self.ns[i]
+            if not (imp.delay_ms or imp.jitter_ms or imp.loss_pct):
+                nsexec(ns, "tc", "qdisc", "del", "dev", "eth0", "root", check=False)
+                return
+            args = ["delay", f"{imp.delay_ms}ms"]
+            if imp.jitter_ms:
+                args.append(f"{imp.jitter_ms}ms")
+            if imp.loss_pct:
+                args += ["loss", f"{imp.loss_pct}%"]
+            nsexec(ns, "tc", "qdisc", "replace", "dev", "eth0", "root", "netem", *args)
+        else:
+            self._switch_cmd({"port": i, "delay_ms": imp.delay_ms, "jitter_ms": imp.jitter_ms,
+                              "loss_pct": imp.loss_pct})
+
+    def impair_all(self, imp: Impair) -> None:
+        for i in range(self.n):
+            self.impair(i, imp)
+
+    def link(self, i: int, up: bool) -> None:
+        if up:
+            self._link_up(i)
+        else:
+            nsexec(self.ns[i], "ip", "link", "set", "eth0", "down")
+
+    def switch_stats(self) -> dict:
+        if self.plane != "switch":
+            return {}
+        return self._switch_cmd({"cmd": "stats"})
+
+    def _switch_cmd(self, obj: dict) -> dict:
+        assert self.switch is not None and self.switch.stdin and self.switch.stdout
+        if self.switch.poll() is not None:
+            raise LabError(f"the user-space switch died (exit {self.switch.returncode})")
+        self.switch.stdin.write(json.dumps(obj) + "\n")
+        self.switch.stdin.flush()
+        reply = json.loads(self.switch.stdout.readline())
+        if "error" in reply:
+            raise LabError(f"switch: {reply['error']}")
+        return reply
+
+    def exec_prefix(self, i: int) -> list[str]:
+        return ["ip", "netns", "exec", self.ns[i]]
+
+    # -- teardown ----------------------------------------------------------------------
+
+    def down(self) -> None:
+        """Kill whatever still runs in our namespaces, delete them and our links. Best effort
+        at every step: this runs after any failure, Ctrl-C included."""
+        for ns in self.created_ns:
+            _kill_pids(_ns_pids(ns))
+        if self.switch is not None and self.switch.poll() is None:
+            try:
+                os.killpg(self.switch.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            self.switch.wait()
+        for ns in self.created_ns:
+            sh("ip", "netns", "del", ns, check=False)
+        for link in self.created_links:
+            sh("ip", "link", "del", link, check=False)
+        # veth host ends vanish with their namespace peers; make sure nothing is left
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and self.leftovers():
+            time.sleep(0.1)
+        self.created_ns.clear()
+        self.created_links.clear()
+
+    def leftovers(self) -> list[str]:
+        def ours(name: str) -> bool:
+            m = _NAME.match(name)
+            return bool(m) and int(m.group(1)) == os.getpid()
+
+        out = [ln.split()[0] for ln in sh("ip", "netns", "list", check=False).stdout.splitlines()
+               if ln.split() and ours(ln.split()[0])]
+        for line in sh("ip", "-o", "link", "show", check=False).stdout.splitlines():
+            parts = line.split(":")
+            if len(parts) > 1 and ours(parts[1].strip().split("@")[0]):
+                out.append(parts[1].strip().split("@")[0])
+        return out

@@ -1,0 +1,103 @@
+"""The lab's report: Markdown tables (figures, not prose) and a PNG chart of tokens/s and
+time to first token per scenario (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.lab.scenarios import Result
+
+
+def _table(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    cols: list[str] = []
+    for r in rows:
+        for k in r:
+            if k not in cols:
+                cols.append(k)
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        out.append("| " + " | ".join(str(r.get(c, "")).replace("|", "\\|").replace("\n", " ")
+                                      for c in cols) + " |")
+    return out
+
+
+def write_markdown(path: Path, results: list[Result], meta: dict[str, str],
+                   chart: Path | None) -> None:
+    lines = ["# qvacd mesh lab report", "",
+             "Written by `python -m bench.lab`; every figure below was measured by that run.", ""]
+    lines += _table([{"": k, " ": v} for k, v in meta.items()])
+    lines += ["", "## Summary", ""]
+    lines += _table([{"scenario": r.title, "result": r.verdict, "figures": r.summary,
+                      "time s": f"{r.seconds:.0f}", "limit s": f"{r.limit_s:.0f}"}
+                     for r in results])
+    if chart is not None:
+        rel = os.path.relpath(chart, path.parent)
+        lines += ["", f"![tokens/s and time to first token per scenario]({rel})"]
+    for r in results:
+        lines += ["", f"## {r.title}: {r.verdict}", ""]
+        lines += _table(r.rows)
+        if r.failures:
+            lines += ["", "| failed check |", "|---|"]
+            lines += ["| " + f.replace("|", "\\|").replace("\n", " ")[:600] + " |"
+                      for f in r.failures]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_chart(path: Path, results: list[Result]) -> str | None:
+    """Draw the chart; None when done, else why not (matplotlib missing, nothing to draw)."""
+    points = [p for r in results for p in r.points]
+    if not points:
+        return "no scenario with tokens/s or TTFT figures ran"
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: pip install -e '.[bench]'"
+    groups: list[str] = []
+    series: list[str] = []
+    for g, s, _, _ in points:
+        if g not in groups:
+            groups.append(g)
+        if s not in series:
+            series.append(s)
+    val = {(g, s): (t, f) for g, s, t, f in points}
+    fig, axes = plt.subplots(1, 2, figsize=(max(10, 1.3 * len(groups) + 4), 5.5))
+    width = 0.8 / max(1, len(series))
+    for ax, idx, title, scale in ((axes[0], 0, "tokens/s (higher is better)", 1.0),
+                                  (axes[1], 1, "time to first token, ms (lower is better;"
+                                               " failover: kill/cut to next token)", 1e3)):
+        for k, s in enumerate(series):
+            xs, hs = [], []
+            for j, g in enumerate(groups):
+                v = val.get((g, s), (None, None))[idx]
+                if v is not None:
+                    xs.append(j + (k - (len(series) - 1) / 2) * width)
+                    hs.append(v * scale)
+            bars = ax.bar(xs, hs, width, label=s)
+            ax.bar_label(bars, fmt="%.0f", fontsize=7)
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels(groups, rotation=35, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("qvacd mesh lab", fontsize=12)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def machine_meta() -> dict[str, str]:
+    return {"date": time.strftime("%Y-%m-%d %H:%M %Z"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Linux {platform.release()}",
+            "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg())}
