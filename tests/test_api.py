@@ -200,9 +200,10 @@ def test_queue_full_gets_429_with_retry_after(start_daemon):
             "temperature": 0}
     with httpx.stream("POST", d.api + "/v1/completions", json=body, timeout=30) as r:
         next(r.iter_lines())  # the slot is taken now
+        assert d.status()["slots_free"] == 0
         busy = httpx.post(d.api + "/v1/completions",
                           json={"model": MODEL, "prompt": "x", "max_tokens": 2}, timeout=10)
-        assert busy.status_code == 429
+        assert busy.status_code == 429, (busy.text, d.status())
         assert int(busy.headers["retry-after"]) >= 1
         assert "retry" in busy.json()["error"]["message"]
         oll = httpx.post(d.api + "/api/generate",
