@@ -45,14 +45,21 @@ def source_for(sha: str):  # type: ignore[no-untyped-def]
     return source
 
 
+def progress(msg: str) -> None:
+    print(f"  [{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
 async def settle_cpu(max_s: float = 120.0, quiet: float = 0.2) -> float:
-    """Wait until this process uses under `quiet` of a core over one second."""
+    """Wait until this process uses under `quiet` of a core over two seconds."""
     start = time.monotonic()
+    share = 1.0
     while time.monotonic() - start < max_s:
         c0, t0 = time.process_time(), time.monotonic()
-        await trio.sleep(1.0)
-        if (time.process_time() - c0) / (time.monotonic() - t0) < quiet:
+        await trio.sleep(2.0)
+        share = (time.process_time() - c0) / (time.monotonic() - t0)
+        if share < quiet:
             break
+    progress(f"settled after {time.monotonic() - start:.0f} s (cpu {share:.0%})")
     return time.monotonic() - start
 
 
@@ -94,6 +101,7 @@ async def run_size(n: int, lookups: int, rng: random.Random) -> dict[str, object
         rt = [net.dht.kad.get_routing_table_size() for net in nets]
         conns = [len(net.connected_peers()) for net in nets]
 
+        progress(f"{n} nodes: routing tables median {statistics.median(rt)}, timing lookups")
         cap_t: list[float] = []
         cap_ok = 0
         for _ in range(lookups):
@@ -103,6 +111,7 @@ async def run_size(n: int, lookups: int, rng: random.Random) -> dict[str, object
             cap_t.append(time.perf_counter() - t)
             cap_ok += rec is not None and rec.peer_id == nets[dst].peer_id_str
 
+        progress(f"capacity lookups done: p50 {pct(cap_t, 0.5) * 1000:.0f} ms")
         prov_t: list[float] = []
         recall: list[float] = []
         for _ in range(lookups):

@@ -1,8 +1,10 @@
 """Kademlia DHT (py-libp2p KadDHT, server mode) for capacity records and model providers.
 
 Keys:
-    /qvac-cap/<peer id>     value: that peer's signed capacity record (RecordValidator)
-    /qvac-model/<sha256>    provider records: "who can serve these bytes"
+    /qvac-cap/<peer id>     value: that peer's signed capacity record (RecordValidator),
+                            stored at the peers closest to sha256-multihash(key)
+    1220<sha256 of file>    provider records (the file's sha2-256 multihash): "who can
+                            serve these bytes"
 
 The DHT is a hint, and it is stale in known ways (see /shared/py-libp2p-0.8.1.md):
 - KadDHT.get_value answers from the local store first if it has *any* copy, and values
@@ -12,7 +14,12 @@ The DHT is a hint, and it is stale in known ways (see /shared/py-libp2p-0.8.1.md
   `find_providers` de-duplicates, and the caller drops providers whose fresh record says
   they no longer hold the model.
 - Routing tables fill slowly; `discover_peers` does a self-lookup (FIND_NODE for our own
-  id), which both fills the table and returns the peers near us.
+  id), which both fills the table and returns the peers near us. The library also drops
+  a peer from its table after one failed query; the network re-adds connected peers.
+- Every stream costs ~10 ms of CPU in py-libp2p and a network walk opens ~30 of them, so
+  puts go to the `REPLICAS` closest peers of our own routing table, and lookups ask the
+  closest `LOOKUP_QUORUM` of it first; a walk happens only when the table is smaller
+  than that or the quick path finds nothing.
 - A FIND_NODE key must decode as a multihash or be at most 50 bytes, or the remote
   drops the query ("FIND_NODE key is not a valid PeerId"). KadDHT.put_value and
   provide() send the raw key, so "/qvac-cap/<id>" (62 bytes) would never get past the
@@ -51,6 +58,7 @@ log = logging.getLogger("qvacd.peers.dht")
 
 PUT_TIMEOUT_S = 5.0
 LOOKUP_QUORUM = 3  # close peers that must answer a lookup
+REPLICAS = 8  # close peers a record or provider announcement is stored at
 QUERY_TIMEOUT_S = 3.0
 # The library's ADD_PROVIDER rate limit is 10 per 10 s per sender; stay under it.
 PROVIDE_BATCH = 8
@@ -96,7 +104,8 @@ class _CountingValidator(RecordValidator):
 
 
 class CapacityDHT:
-    """Our view of the DHT; `run()` must be running for anything else to work."""
+    """Our use of the DHT. The KadDHT service (`.kad`) must be running (the network runs
+    it with `background_trio_service`) for anything here to work."""
 
     def __init__(self, host: IHost, on_reject: Callable[[str], None]) -> None:
         self.host = host
@@ -120,6 +129,20 @@ class CapacityDHT:
         seen = dict.fromkeys(list(peers) + self.routing_peers())
         return [p for p in seen if p != self.local_id]
 
+    async def _store_targets(self, target: bytes) -> list[ID]:
+        """The peers that should hold a value or provider record for `target`.
+
+        Our routing table's closest `REPLICAS` when it has that many (in a mesh of a few
+        hundred nodes it holds nearly everyone, so these are the peers a network walk
+        would find, without its ~30 FIND_NODE streams); otherwise a network walk.
+        Lookups ask the same closest peers first, so puts and gets meet.
+        """
+        local = self.kad.routing_table.find_local_closest_peers(target, REPLICAS)
+        if len(local) < REPLICAS:
+            walked = await self.kad.peer_routing.find_closest_peers_network(target)
+            local = list(dict.fromkeys(list(walked) + list(local)))[:REPLICAS]
+        return [p for p in local if p != self.local_id]
+
     async def publish_record(self, peer_id: str, data: bytes) -> int:
         """Store our record locally and at the closest peers; returns how many took it."""
         key = capacity_key(peer_id)
@@ -130,7 +153,6 @@ class CapacityDHT:
         # why: the library would republish it every 10 min by its raw key, which remote
         # peers refuse (see above); we republish ourselves every 30 s instead.
         self.kad.value_store.local_keys.discard(kb)
-        closest = await self.kad.peer_routing.find_closest_peers_network(placement_target(kb))
         stored = 0
 
         async def store(peer: ID) -> None:
@@ -140,9 +162,8 @@ class CapacityDHT:
                     stored += 1
 
         async with trio.open_nursery() as nursery:
-            for peer in closest:
-                if peer != self.local_id:
-                    nursery.start_soon(store, peer)
+            for peer in await self._store_targets(placement_target(kb)):
+                nursery.start_soon(store, peer)
         return stored
 
     async def provide(self, sha256: str) -> int:
@@ -150,7 +171,6 @@ class CapacityDHT:
         key = bytes.fromhex(model_key(sha256))
         store = self.kad.provider_store
         store.add_provider(key, PeerInfo(self.local_id, list(self.host.get_addrs())))
-        closest = await self.kad.peer_routing.find_closest_peers_network(key)
         sent = 0
 
         async def send(peer: ID) -> None:
@@ -160,22 +180,22 @@ class CapacityDHT:
                     sent += 1
 
         async with trio.open_nursery() as nursery:
-            for peer in closest:
-                if peer != self.local_id:
-                    nursery.start_soon(send, peer)
+            for peer in await self._store_targets(key):
+                nursery.start_soon(send, peer)
         log.debug("provided model=%s to %d peers", sha256[:12], sent)
         return sent
 
     async def _ask_closest(
         self,
         target: bytes,
-        ask: Callable[[ID], Awaitable[None]],
+        ask: Callable[[ID], Awaitable[bool]],
         found_any: Callable[[], bool],
         *,
         quorum: int,
         query_timeout_s: float,
     ) -> None:
-        """Ask the peers closest to `target` until `quorum` of them have answered.
+        """Ask the peers closest to `target` until `quorum` of them have answered
+        (`ask` returns False when the peer could not be asked: those do not count).
 
         Our routing table first: in a mesh of a few hundred nodes it holds nearly
         everyone, so its closest peers are the ones a network walk would find, and
@@ -194,8 +214,8 @@ class CapacityDHT:
                     nonlocal answered
                     try:
                         with trio.move_on_after(query_timeout_s):
-                            await ask(peer)
-                            answered += 1
+                            if await ask(peer):
+                                answered += 1
                     except Exception as exc:
                         log.debug("DHT query to %s failed: %s", peer, exc)
                     finally:
@@ -233,12 +253,15 @@ class CapacityDHT:
         if local is not None and local.value:
             found.append(local.value)
 
-        async def ask(peer: ID) -> None:
+        async def ask(peer: ID) -> bool:
             # why the private call: KadDHT.get_value returns the local copy if any,
             # however old; we want the close peers' copies to pick the newest.
-            value = await self.kad.value_store._get_from_peer(peer, key)
+            got = await self.kad.value_store._get_from_peer(peer, key, return_closer_peers=True)
+            value, closer = got if isinstance(got, tuple) else (got, [])
             if isinstance(value, bytes) and value:
                 found.append(value)
+                return True
+            return bool(closer)  # (None, []) is what the library returns on any error
 
         await self._ask_closest(placement_target(key), ask, lambda: bool(found),
                                 quorum=quorum, query_timeout_s=query_timeout_s)
@@ -280,10 +303,11 @@ class CapacityDHT:
 
         merge(self.kad.provider_store.get_providers(key))
 
-        async def ask(peer: ID) -> None:
+        async def ask(peer: ID) -> bool:
             store = self.kad.provider_store
-            providers, _closer = await store._get_providers_from_peer_with_closers(peer, key)
+            providers, closer = await store._get_providers_from_peer_with_closers(peer, key)
             merge(providers)
+            return bool(providers or closer)  # ([], []) is what it returns on any error
 
         await self._ask_closest(key, ask, lambda: bool(found),
                                 quorum=quorum, query_timeout_s=query_timeout_s)

@@ -259,9 +259,11 @@ class PeerNetwork:
         self._wake_publisher = trio.Event()
         self._push_pending = False
         self._dht_publish_pending = False
-        self._last_dht_peers = 0
+        self._dht_had_no_peers = True
         self._dht_busy = False
-        self._provided: dict[str, float] = {}  # model sha256 -> when announced well
+        self._dht_retry_s = _DHT_RETRY_S
+        # model sha256 -> (when announced well, routing table size then)
+        self._provided: dict[str, tuple[float, int]] = {}
         self._wake_discovery = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._stack: AsyncExitStack | None = None
@@ -527,12 +529,12 @@ class PeerNetwork:
         try:
             retry = False
             want = min(_DHT_REPLICAS, self.dht.kad.get_routing_table_size())
+            self._dht_had_no_peers = want == 0
             current = self.current_record()
             if current is not None:
                 try:
                     with trio.fail_after(10):
                         stored = await self.dht.publish_record(self.peer_id_str, current[1])
-                    self._last_dht_peers = stored
                     self.counters["dht_published"] += 1
                     retry |= stored < want
                 except Exception as exc:
@@ -546,26 +548,37 @@ class PeerNetwork:
             for sha in list(self._provided):
                 if sha not in held:
                     del self._provided[sha]  # its provider records expire on their own
-            due = [
-                sha for sha in held
-                if now - self._provided.get(sha, -math.inf) >= self.limits.reprovide_interval_s
-            ]
+            rt = self.dht.kad.get_routing_table_size()
+
+            def due(sha: str) -> bool:
+                # why the routing-table test: announced while our table was still filling,
+                # the record went to peers that are no longer the closest ones
+                when, rt_then = self._provided.get(sha, (-math.inf, 0))
+                return (now - when >= self.limits.reprovide_interval_s
+                        or rt >= rt_then + max(2, rt_then // 4))
+
+            due_models = [sha for sha in held if due(sha)]
             # why the batch: the library refuses more than 10 ADD_PROVIDER per 10 s from one
             # peer; the rest waits for the next round.
-            for sha in due[:PROVIDE_BATCH]:
+            for sha in due_models[:PROVIDE_BATCH]:
                 with trio.move_on_after(10):
                     sent = await self.dht.provide(sha)
                     self.counters["dht_provided"] += 1
                     if sent >= want:
-                        self._provided[sha] = now
+                        self._provided[sha] = (now, rt)
                         continue
                 retry = True
-            if len(due) > PROVIDE_BATCH:
+            if len(due_models) > PROVIDE_BATCH:
                 self._nursery_start(self._wake_later, PROVIDE_WINDOW_S)
                 self._dht_publish_pending = True
             if retry:
+                # why exponential: a put fails most when the mesh is overloaded, and
+                # retrying at a fixed pace would add to the load that made it fail
                 self._dht_publish_pending = True
-                self._nursery_start(self._wake_later, _DHT_RETRY_S)
+                self._nursery_start(self._wake_later, self._dht_retry_s)
+                self._dht_retry_s = min(self._dht_retry_s * 2, self.limits.republish_interval_s)
+            else:
+                self._dht_retry_s = _DHT_RETRY_S
         finally:
             self._dht_busy = False
 
@@ -778,8 +791,9 @@ class PeerNetwork:
         if self._running:
             self._nursery_start(self.dht.add_peer, conn.muxed_conn.peer_id)
             self._queue_fetch(peer)
-            if self._last_dht_peers == 0:
-                # why: our last DHT put reached nobody; put again now that we can
+            if self._dht_had_no_peers:
+                # why: our last DHT put had nobody to go to; put again now that we can
+                self._dht_had_no_peers = False
                 self._dht_publish_pending = True
                 self._wake_publisher.set()
 
@@ -820,10 +834,16 @@ class PeerNetwork:
         while True:
             await trio.sleep(interval)
             now = time.time()
-            for peer in self.connected_peers():
+            routing = set(self.dht.routing_peers())
+            for pid in self.host.libp2p.get_connected_peers():
+                peer = pid.to_base58()
                 entry = self.table.get(peer)
                 if entry is None or (entry.available(now) and not entry.is_fresh(interval * 0.9, now)):
                     self._queue_fetch(peer)
+                if pid not in routing:
+                    # why: the library drops a peer from its routing table after one failed
+                    # query (common under load) and never re-adds it while connected
+                    self._nursery_start(self.dht.add_peer, pid)
 
     async def _dial(self, peer: str, addrs: Sequence[str], source: str) -> bool:
         if peer == self.peer_id_str:
@@ -872,8 +892,9 @@ class PeerNetwork:
             await trio.sleep(0.25)
 
     async def _discovery_loop(self) -> None:
-        """DHT self-lookups: at 0.5, 1, 2, 4 ... s, then every `discovery_max_interval_s`,
-        and soon after dialling a peer we were told about (at most every 2 s)."""
+        """DHT self-lookups: at 0.5, 1, 2, 4 ... s while they keep turning up new peers,
+        every `discovery_max_interval_s` once one finds nothing new, and soon after we
+        dial a peer we were told about (never closer than `min_discovery_interval_s`)."""
         interval = 0.5
         last = -math.inf
         while True:
@@ -884,19 +905,25 @@ class PeerNetwork:
             # why: let a burst of connections settle into one lookup, and never run
             # lookups back to back however often we are woken
             await trio.sleep(max(0.1, last + self.limits.min_discovery_interval_s - time.monotonic()))
-            if not woken:
-                interval = min(interval * 2, self.limits.discovery_max_interval_s)
             if not self.connected_peers():
+                interval = 1.0
                 continue
             last = time.monotonic()
+            # why count the table: the lookup itself dials the peers it queries, so they
+            # are in the table (through the connection callback) by the time it returns
+            known = len(self.table)
             try:
                 with trio.move_on_after(self.limits.lookup_timeout_s):
-                    found = await self.dht.discover_peers()
-                    self._connect_discovered(found)
+                    self._connect_discovered(await self.dht.discover_peers())
             except Exception as exc:
                 log.debug("DHT discovery round failed: %s", exc)
+            if len(self.table) > known:
+                interval = min(interval * 2, self.limits.discovery_max_interval_s)
+            elif not woken:
+                interval = self.limits.discovery_max_interval_s
 
     def _connect_discovered(self, found: Iterable[ID]) -> None:
+        """Dial found peers we are not connected to, up to `max_auto_connect`."""
         budget = self.limits.max_auto_connect - len(self.connected_peers())
         now = time.time()
         for pid in found:
