@@ -70,7 +70,9 @@ from protocol import (
 log = logging.getLogger("qvacd.shards")
 plog = logging.getLogger("qvacd.pull")
 
-READ_SIZE = 1 << 20  # bytes asked of the stream per read: fewer awaits per byte
+# Bytes asked of the stream per read: larger means fewer awaits and yamux window updates
+# per byte, but FrameDecoder compacts its buffer per frame, which costs more past ~256 KiB.
+READ_SIZE = 256 << 10
 _SHA_RE = re.compile(r"^(?:sha256[:-])?([0-9a-f]{64})$")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._\-]{0,63}$")
 
@@ -391,6 +393,8 @@ class PartialFile:
         self._fd: int | None = None
         self._state_fd: int | None = None
         self._lock = threading.Lock()
+        self._whole = hashlib.sha256()
+        self._hashed = 0  # chunks fed into _whole, in order
 
     def _header(self) -> bytes:
         m = self.manifest
@@ -447,8 +451,13 @@ class PartialFile:
         return verified
 
     def store_chunk(self, index: int, pieces: list[bytes]) -> bool:
-        """Verify chunk `index` against the manifest; if good, write it, fsync, and record
-        it in the state file. False (nothing written) when the hash does not match."""
+        """Verify chunk `index` against the manifest; if good, write it and record it in
+        the state file. False (nothing written) when the hash does not match.
+
+        No fsync here: a killed process loses nothing that reached the page cache, and
+        `sync()` (every second, and at the end) bounds what a power cut can lose; claims
+        are re-hashed on resume, so a claim whose bytes were lost is simply re-fetched.
+        """
         m = self.manifest
         h = hashlib.sha256()
         n = 0
@@ -464,18 +473,33 @@ class PartialFile:
             if written != len(p):
                 raise OSError(errno.EIO, "short write to the partial file")
             offset += written
-        os.fdatasync(self._fd)  # why: the state may only claim bytes that are durable
         with self._lock:
             os.write(self._state_fd, struct.pack("<I", index))
-            os.fsync(self._state_fd)
         return True
 
+    def sync(self) -> None:
+        """Data first, then the state that claims it."""
+        if self._fd is not None and self._state_fd is not None:
+            os.fdatasync(self._fd)
+            os.fsync(self._state_fd)
+
+    def hash_range(self, start: int, end: int) -> None:
+        """Feed chunks [start, end) into the whole-file sha256; they must be on disk and
+        follow what was fed before. Lets the whole-file hash run during the download."""
+        assert start == self._hashed and self._fd is not None
+        m = self.manifest
+        for i in range(start, end):
+            self._whole.update(os.pread(self._fd, m.chunk_length(i), m.chunk_offset(i)))
+        self._hashed = end
+
+    @property
+    def hashed(self) -> int:
+        return self._hashed
+
     def whole_sha256(self) -> str:
-        h = hashlib.sha256()
-        with open(self.path, "rb") as f:
-            while block := f.read(4 << 20):
-                h.update(block)
-        return h.hexdigest()
+        """Finish the whole-file sha256 (everything must be on disk now)."""
+        self.hash_range(self._hashed, self.manifest.n_chunks)
+        return self._whole.hexdigest()
 
     def close(self) -> None:
         for fd in (self._fd, self._state_fd):
@@ -492,6 +516,28 @@ class PartialFile:
 
 
 # ---- the puller --------------------------------------------------------------------------
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for e in exc.exceptions for leaf in _leaves(e)]
+    return [exc]
+
+
+@contextlib.contextmanager
+def _one_error() -> Any:
+    """Nurseries wrap errors in groups; re-raise the one that says what went wrong."""
+    try:
+        yield
+    except BaseExceptionGroup as eg:
+        leaves = [e for e in _leaves(eg) if not isinstance(e, trio.Cancelled)]
+        for kind in (PullError, _ManifestFalse):
+            for e in leaves:
+                if isinstance(e, kind):
+                    raise e from None
+        if len(leaves) == 1 and isinstance(leaves[0], Exception):
+            raise leaves[0] from None
+        raise
 
 
 class PullError(Exception):
@@ -777,7 +823,7 @@ class Puller:
                 for peer in others:
                     self._drop(dl, peer, "its manifest disagrees with the verified file",
                                "bad_manifest")
-            return entry
+            return self._succeed(dl, entry, manifest)
         assert last is not None
         raise last
 
@@ -801,25 +847,32 @@ class Puller:
                           len(verified), manifest.n_chunks)
             dl.status = "downloading"
             dl.emit()
-            missing = [i for i in range(manifest.n_chunks) if i not in verified]
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._report, dl)
-                await self._fetch_chunks(dl, manifest, partial, providers, missing)
-                nursery.cancel_scope.cancel()
+            done = set(verified)
+            missing = [i for i in range(manifest.n_chunks) if i not in done]
+            try:
+                with _one_error():
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._report, dl)
+                        nursery.start_soon(self._hash_in_order, partial, done)
+                        nursery.start_soon(self._sync_every_second, partial)
+                        await self._fetch_chunks(dl, manifest, partial, providers, missing,
+                                                 done)
+                        nursery.cancel_scope.cancel()
+            finally:
+                with trio.CancelScope(shield=True), contextlib.suppress(OSError):
+                    await trio.to_thread.run_sync(partial.sync)  # keep what was verified
+            dl.emit()  # the last "downloading" line shows completed == total
             dl.status = "verifying sha256 digest"
             dl.emit()
-            sha = await trio.to_thread.run_sync(partial.whole_sha256)
+            sha, info = await self._verify(partial)
             if sha != manifest.sha256:
                 # Every chunk matched the manifest, so the manifest itself lied.
                 partial.discard()
                 raise _ManifestFalse(f"its chunks make a file that hashes to {sha}, not"
                                      f" {manifest.sha256}")
-            try:
-                info = await trio.to_thread.run_sync(read_gguf, partial.path)
-            except GGUFError as e:
+            if isinstance(info, GGUFError):
                 partial.discard()
-                raise _ManifestFalse(f"the file it describes is not a usable model: {e}") \
-                    from None
+                raise _ManifestFalse(f"the file it describes is not a usable model: {info}")
             partial.close()
             try:
                 entry = self.store.commit(partial.path, name, manifest.sha256, info,
@@ -834,7 +887,41 @@ class Puller:
             partial.state_path.unlink()
         with contextlib.suppress(OSError):
             save_manifest(self.store, manifest)  # serve it onward without a rebuild
-        return self._succeed(dl, entry, manifest)
+        return entry
+
+    async def _hash_in_order(self, partial: PartialFile, done: set[int]) -> None:
+        """Feed the whole-file hash with chunks as soon as they are contiguous, so only
+        the tail is left to hash when the last chunk lands."""
+        n = partial.manifest.n_chunks
+        while partial.hashed < n:
+            end = partial.hashed
+            while end < n and end in done:
+                end += 1
+            if end > partial.hashed:
+                await trio.to_thread.run_sync(partial.hash_range, partial.hashed, end)
+            else:
+                await trio.sleep(0.05)
+
+    async def _sync_every_second(self, partial: PartialFile) -> None:
+        while True:
+            await trio.sleep(1.0)
+            await trio.to_thread.run_sync(partial.sync)
+
+    async def _verify(self, partial: PartialFile) -> tuple[str, Any]:
+        """The whole file's sha256 and its GGUF header (or the GGUFError), side by side:
+        the header parse is pure Python, the hash runs without the GIL."""
+        out: dict[str, Any] = {}
+
+        async def header() -> None:
+            try:
+                out["info"] = await trio.to_thread.run_sync(read_gguf, partial.path)
+            except GGUFError as e:
+                out["info"] = e
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(header)
+            out["sha"] = await trio.to_thread.run_sync(partial.whole_sha256)
+        return out["sha"], out["info"]
 
     def _succeed(self, dl: _Download, entry: ModelEntry, manifest: Manifest | None) -> ModelEntry:
         dl.result = entry
@@ -911,6 +998,7 @@ class Puller:
         opts = self.options
         known = {e.peer_id for e in self.network.table if e.record is not None}
         holders = self._from_records(sha, name)
+        by_alias = False
         if dl.from_peer is not None:
             holders = {dl.from_peer: holders.get(dl.from_peer, sha or "")}
         elif sha is not None:
@@ -923,6 +1011,7 @@ class Puller:
         elif not holders:
             # The name may be an alias no record carries: ask trusted connected peers.
             holders = {p: "" for p in self.network.connected_peers() if self._trusted(p)}
+            by_alias = True
         holders.pop(getattr(self.network, "peer_id_str", None), None)
         asked = len(known | set(holders))
         if not holders:
@@ -952,9 +1041,15 @@ class Puller:
             except _PeerFault as f:
                 failures[peer] = f
 
-        async with trio.open_nursery() as nursery:
-            for peer in candidates:
-                nursery.start_soon(ask, peer)
+        with _one_error():
+            async with trio.open_nursery() as nursery:
+                for peer in candidates:
+                    nursery.start_soon(ask, peer)
+        if not manifests and by_alias:
+            refused = [f"{p}: {f.reason}" for p, f in failures.items() if f.code != "not_found"]
+            raise PullError(404, f"no peer has model {dl.target!r}: asked {asked} peer(s)"
+                            + (f"; {len(refused)} could not answer ({'; '.join(refused)})"
+                               if refused else ""))
         for peer, f in failures.items():
             self._drop(dl, peer, f.reason, f.kind)
         if not manifests:
@@ -1045,7 +1140,7 @@ class Puller:
         plog.warning("pull of %s: dropped provider %s: %s", dl.name or dl.target, peer, reason)
 
     async def _fetch_chunks(self, dl: _Download, manifest: Manifest, partial: PartialFile,
-                            providers: list[str], missing: list[int]) -> None:
+                            providers: list[str], missing: list[int], done: set[int]) -> None:
         opts = self.options
         pending = collections.deque(missing)
         left = set(missing)
@@ -1083,6 +1178,7 @@ class Puller:
                     n = manifest.chunk_length(index)
                     dl.used.add(peer)
                     left.discard(index)
+                    done.add(index)
                     dl.completed += n
                     dl.fetched += n
                     dl._samples.append((time.monotonic(), n))
@@ -1108,7 +1204,7 @@ class Puller:
 
         async def provider(peer: str) -> None:
             busy_since: list[float | None] = [None]
-            with trio.CancelScope() as scope:
+            with trio.CancelScope() as scope, _one_error():
                 scopes[peer] = scope
                 dl.sources.add(peer)
                 try:
@@ -1118,10 +1214,11 @@ class Puller:
                 finally:
                     dl.sources.discard(peer)
 
-        async with trio.open_nursery() as nursery:
-            for peer in providers:
-                if peer not in dl.dropped:
-                    nursery.start_soon(provider, peer)
+        with _one_error():
+            async with trio.open_nursery() as nursery:
+                for peer in providers:
+                    if peer not in dl.dropped:
+                        nursery.start_soon(provider, peer)
         if left:
             detail = "; ".join(f"{p}: {r}" for p, r in dl.dropped.items()) or "none answered"
             raise _AllFailed(502, f"every provider of {dl.name} failed with {len(left)} of"

@@ -12,6 +12,7 @@ Test-only knobs (environment; the real daemon gets these as config options):
     QVACD_SHARD_UPLOAD_RATE      seeder upload cap, bytes/s (default unlimited)
     QVACD_SHARD_MAX_UPLOADS      seeder concurrent uploads (default 4)
     QVACD_PULL_STALL_TIMEOUT     puller stall timeout, seconds
+    QVACD_PULL_STREAMS           puller streams per provider (bench)
     QVACD_TEST_BAD_SEEDER        corrupt | short | stall | manifest: serve with the
                                  dishonest seeder from tests/pull_bad_seeder.py
 """
@@ -66,6 +67,9 @@ def _init_network(self: node_mod.Node) -> None:
     stall = os.environ.get("QVACD_PULL_STALL_TIMEOUT")
     if stall:
         opts.stall_timeout_s = float(stall)
+    streams = os.environ.get("QVACD_PULL_STREAMS")
+    if streams and int(streams) > 0:
+        opts.streams_per_provider = int(streams)
     self.puller = Puller.for_node(self, opts)
 
 
