@@ -39,7 +39,8 @@ from .router import RoutedGeneration
 
 log = logging.getLogger("qvacd.delegation")
 
-FRESH_S = 8.0  # older than this (the network refreshes every 5 s): re-fetch before routing
+FRESH_S = 8.0  # a record of a peer we are not connected to: re-fetch when older
+CONNECTED_FRESH_S = 30.0  # connected peers push every change, so their record holds
 ACCEPT_TIMEOUT_S = 30.0  # peer must accept (or refuse) within this (it may be loading)
 STALL_TIMEOUT_S = 5.0  # silence between frames after acceptance counts as a failure
 DEFAULT_DEADLINE_MS = 10 * 60 * 1000
@@ -231,7 +232,7 @@ class RemoteInference:
 
     async def _ensure_fresh(self, peer: str) -> None:
         entry = self.network.table.get(peer)
-        if entry is not None and entry.is_fresh(FRESH_S):
+        if entry is not None and entry.is_fresh(CONNECTED_FRESH_S if entry.connected else FRESH_S):
             return
         with trio.move_on_after(1.0):
             with contextlib.suppress(Exception):

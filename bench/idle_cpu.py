@@ -1,0 +1,72 @@
+"""CPU use of an idle node: alone, and with 8 connected peers (all real daemons on
+loopback, bootstrapped to the measured node, capacity refreshed every 5 s).
+
+    python bench/idle_cpu.py [--peers 8] [--seconds 20]
+
+Goal (issues 3 and 4): under 1% of one core in both cases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(pid: int, seconds: float) -> float:
+    c0, t0 = cpu_seconds(pid), time.monotonic()
+    time.sleep(seconds)
+    return (cpu_seconds(pid) - c0) / (time.monotonic() - t0) * 100
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--peers", type=int, default=8)
+    ap.add_argument("--seconds", type=float, default=20)
+    args = ap.parse_args()
+
+    from test_delegation import Mesh
+
+    from models.store import ModelStore, install_default_model
+
+    work = Path(tempfile.mkdtemp(prefix="qvacd-bench-idle-"))
+    mesh = None
+    try:
+        tmpl = work / "template"
+        assert install_default_model(ModelStore(tmpl), log=lambda m: None)
+        mesh = Mesh(work, tmpl)
+        mesh.add("hub", "--no-preload")
+        hub = mesh.start("hub")
+        time.sleep(3)  # let start-up work finish
+        alone = measure(hub.proc.pid, args.seconds)
+        names = [f"p{i}" for i in range(args.peers)]
+        for n in names:
+            mesh.add(n, "--no-preload")
+            mesh.start(n, bootstrap=["hub"])
+        mesh.wait_peers("hub", names, timeout=60)
+        time.sleep(5)
+        with_peers = measure(hub.proc.pid, args.seconds)
+        print(f"idle node alone:            {alone:.2f}% of one core over {args.seconds:.0f} s")
+        print(f"idle node with {args.peers} peers:     {with_peers:.2f}% of one core"
+              f" over {args.seconds:.0f} s  (goal < 1%)")
+    finally:
+        if mesh:
+            mesh.stop_all()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
