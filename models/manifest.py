@@ -224,7 +224,7 @@ def parse_manifest(data: bytes, expected_sha256: str | None = None) -> Manifest:
         raise
     except (ValueError, TypeError, msgpack.UnpackException) as e:  # ExtraData is a ValueError
         raise ManifestError(f"manifest is not valid msgpack ({type(e).__name__})") from None
-    except Exception as e:  # pure-Python msgpack fallback raises other types
+    except Exception as e:  # noqa: BLE001 - msgpack's pure-Python fallback raises others
         raise ManifestError(f"manifest is not valid msgpack ({type(e).__name__})") from None
     if not isinstance(obj, dict):
         raise ManifestError("manifest must be a msgpack map")

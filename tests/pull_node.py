@@ -28,14 +28,14 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for pull_bad_seeder
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from starlette.routing import Route  # noqa: E402
+from starlette.routing import Route
 
-from protocol import SHARD_PROTOCOL  # noqa: E402
-from qvacd import api as api_mod  # noqa: E402
-from qvacd import cli  # noqa: E402
-from qvacd import node as node_mod  # noqa: E402
-from qvacd.pull_api import api_pull  # noqa: E402
-from qvacd.shards import Puller, PullOptions, ShardService  # noqa: E402
+from protocol import SHARD_PROTOCOL
+from qvacd import api as api_mod
+from qvacd import cli
+from qvacd import node as node_mod
+from qvacd.pull_api import api_pull
+from qvacd.shards import Puller, PullOptions, ShardService
 
 
 def _shard_service(node: node_mod.Node) -> ShardService:

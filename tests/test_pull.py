@@ -10,6 +10,7 @@ in at runtime) until qvacd/node.py and qvacd/api.py wire them themselves.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -23,8 +24,8 @@ from pathlib import Path
 import httpx
 import ollama
 import pytest
-
 from conftest import REPO, Daemon, clone_data_dir, free_port
+
 from peers.identity import load_or_create_identity
 from peers.trust import TrustStore
 
@@ -123,7 +124,7 @@ class Mesh:
             d = self.nodes[name]
             try:
                 d.stop()
-            except Exception:
+            except Exception:  # noqa: BLE001 - teardown: kill whatever would not stop
                 d.kill()
 
 
@@ -198,7 +199,7 @@ def test_pull_from_one_seeder_then_from_two(mesh, model_sha):
     # One seeder (--from): every byte from s1, none from s2.
     status, lines = pull(p1, {"from": mesh.ids["s1"]})
     assert status == 200, lines
-    assert [x["status"] for x in lines][0] == "pulling manifest"
+    assert lines[0]["status"] == "pulling manifest"
     done = lines[-1]
     assert done["status"] == "success" and done["digest"] == f"sha256:{model_sha}", done
     assert done["sources"] == 1 and done["fetched"] == done["total"] and done["resumed"] == 0
@@ -353,14 +354,19 @@ def test_ollama_client_pull_then_a_third_node_pulls_from_the_puller(mesh, model_
     mesh.wait_holders("p1", ["s1"])
     p1 = mesh.nodes["p1"]
 
-    parts = list(ollama.Client(host=p1.api, timeout=120).pull(MODEL, stream=True))
+    # By the alias Ollama users type: no record carries it, so p1 asks its peers.
+    parts = list(ollama.Client(host=p1.api, timeout=120).pull("gemma3:270m", stream=True))
     statuses = [p.status for p in parts]
     assert statuses[0] == "pulling manifest" and statuses[-1] == "success", statuses
     progress = [p for p in parts if p.status == "downloading"]
     assert progress and progress[-1].total == progress[-1].completed > 0
     assert progress[-1].digest == f"sha256:{model_sha}"
-    assert all(a.completed <= b.completed for a, b in zip(progress, progress[1:]))
+    assert all(a.completed <= b.completed for a, b in itertools.pairwise(progress))
     assert blob_sha(p1, model_sha) == model_sha
+    [entry] = p1.status()["models"]
+    assert entry["name"] == MODEL  # the name its seeders use; the alias resolves too
+    r = httpx.post(p1.api + "/api/show", json={"model": "gemma3:270m"}, timeout=30)
+    assert r.status_code == 200, r.text
 
     # p1 announces itself as a provider: p2, which knows only p1, sees it and pulls
     # from it, through the CLI.
@@ -369,7 +375,7 @@ def test_ollama_client_pull_then_a_third_node_pulls_from_the_puller(mesh, model_
     out = subprocess.run(
         [sys.executable, "-m", "qvacd.pull_api", MODEL, "--from", mesh.ids["p1"],
          "--api", mesh.nodes["p2"].api], capture_output=True, text=True, timeout=120,
-        cwd=REPO, env={**os.environ, "COLUMNS": "120"})
+        cwd=REPO, env={**os.environ, "COLUMNS": "120"}, check=False)
     assert out.returncode == 0, out.stderr
     assert f"pulled {MODEL} (sha256:{model_sha}" in out.stdout, out.stdout
     assert "1 peer(s)" in out.stdout
@@ -387,7 +393,7 @@ def test_disk_full_is_a_clear_error_and_the_pull_resumes_once_there_is_room(
     small.mkdir()
     if os.geteuid() != 0 or subprocess.run(
             ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(small)],
-            capture_output=True).returncode != 0:
+            capture_output=True, check=False).returncode != 0:
         pytest.skip("needs root to mount a small tmpfs")
     try:
         mesh.add("p1", model=False, root=small)
@@ -407,4 +413,4 @@ def test_disk_full_is_a_clear_error_and_the_pull_resumes_once_there_is_room(
         assert blob_sha(p1, model_sha) == model_sha
     finally:
         mesh.stop_all()
-        subprocess.run(["umount", "-l", str(small)], capture_output=True)
+        subprocess.run(["umount", "-l", str(small)], capture_output=True, check=False)
