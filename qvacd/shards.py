@@ -216,7 +216,7 @@ class ShardService:
         self.metrics.shard_requests.labels(kind, outcome).inc()
 
     async def handle(self, stream: Any, peer_id: str) -> None:
-        kind, outcome, reset = "unknown", "error", True
+        kind, outcome = "unknown", "error"
         try:
             msg = await self._read_request(stream)
             if msg is None:
@@ -235,13 +235,11 @@ class ShardService:
                 await _write(stream, Error(ErrorCode.UNAUTHORIZED, f"this node does not trust"
                                            f" peer {peer_id} with the seeder role; on this node"
                                            f" run `qvacd trust add {peer_id} --roles seeder`"))
-                reset = False
                 return
             if isinstance(msg, ManifestRequest):
                 outcome = await self._serve_manifest(stream, msg)
             else:
                 outcome = await self._serve_chunk(stream, msg, peer_id)
-            reset = outcome not in ("ok", "not_found", "busy", "bad_request")
         except ProtocolError as e:
             outcome = "protocol"
             log.info("shard request from %s was malformed: %s", peer_id, e)
@@ -260,7 +258,9 @@ class ShardService:
                                                " peer"))
         finally:
             self._count(kind, outcome)
-            await _close(stream, reset=reset and outcome != "ok")
+            # A reset tells the fetcher the answer was cut short; everything else, even a
+            # refusal, was a whole answer and ends cleanly.
+            await _close(stream, reset=outcome in ("gone", "timeout", "error"))
 
     async def _read_request(self, stream: Any) -> Message | None:
         decoder = FrameDecoder(SHARD_LIMITS)
@@ -333,8 +333,16 @@ class ShardService:
         self.active += 1
         self.metrics.uploads_active.inc()
         try:
+            try:
+                data = await trio.to_thread.run_sync(self.read_chunk, entry, manifest,
+                                                     msg.index)
+            except OSError as e:
+                log.error("cannot read chunk %d of %s: %s", msg.index, entry.name, e)
+                await _write(stream, Error(ErrorCode.INTERNAL, "the seeder cannot read its"
+                                           " copy of the model; try another peer"))
+                return "internal"
             with trio.move_on_after(self.chunk_timeout_s) as scope:
-                await self._send_chunk(stream, entry, manifest, msg.index)
+                await self._send_chunk(stream, msg.index, data)
             if scope.cancelled_caught:
                 log.info("chunk %d to %s took over %.0f s; gave up", msg.index, peer,
                          self.chunk_timeout_s)
@@ -357,9 +365,8 @@ class ShardService:
             raise OSError(errno.EIO, f"{entry.path} is shorter than its manifest says")
         return data
 
-    async def _send_chunk(self, stream: Any, entry: ModelEntry, manifest: Manifest,
-                          index: int) -> None:
-        data = await trio.to_thread.run_sync(self.read_chunk, entry, manifest, index)
+    async def _send_chunk(self, stream: Any, index: int, data: bytes) -> None:
+        """Sub-frames of at most MAX_CHUNK_PIECE bytes, paced by the upload rate."""
         view = memoryview(data)
         total = len(data)
         offset = 0
@@ -674,6 +681,7 @@ class Puller:
         self.metrics = shard_metrics(registry)
         self.partial_dir = store.root / "partial"
         self._active: dict[str, _Download] = {}
+        self._by_sha: dict[str, _Download] = {}
         self._nursery: trio.Nursery | None = None
 
     @classmethod
@@ -804,6 +812,43 @@ class Puller:
             return self._succeed(dl, local, None)
         groups, name, aliases = await self._resolve(dl)
         dl.name = name
+        sha = groups[0][0].sha256
+        while (other := self._by_sha.get(sha)) is not None:
+            # The same file asked for by another name: one download, not two writers
+            # of one partial file.
+            entry = await self._follow(dl, other)
+            if entry is not None:
+                return self._succeed(dl, entry, None)
+        self._by_sha[sha] = dl
+        try:
+            return await self._download_groups(dl, groups, name, aliases)
+        finally:
+            del self._by_sha[sha]
+
+    async def _follow(self, dl: _Download, other: _Download) -> ModelEntry | None:
+        """Wait for `other`, relaying its progress; None if it was cancelled."""
+        def relay(ev: dict[str, Any]) -> None:
+            for fn in list(dl.subscribers):
+                fn(ev)
+
+        other.subscribers.append(relay)
+        other.waiters += 1
+        try:
+            await other.done.wait()  # bounded: the other download has its own timeouts
+        finally:
+            other.waiters -= 1
+            other.subscribers.remove(relay)
+            if other.waiters == 0 and not other.done.is_set():
+                other.scope.cancel()
+        if other.result is not None:
+            return other.result
+        assert other.error is not None
+        if other.error.status == 499:
+            return None
+        raise PullError(other.error.status, other.error.message)
+
+    async def _download_groups(self, dl: _Download, groups: list[tuple[Manifest, list[str]]],
+                               name: str, aliases: tuple[str, ...]) -> ModelEntry:
         last: PullError | None = None
         for i, (manifest, peers) in enumerate(groups):
             local = self._local(manifest.sha256)

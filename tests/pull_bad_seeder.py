@@ -46,12 +46,10 @@ class BadShardService(ShardService):
                          chunk_hashes=lie + m.chunk_hashes[32:], gguf=m.gguf)
         return false, false.encode()
 
-    async def _send_chunk(self, stream: Any, entry: ModelEntry, manifest: Manifest,
-                          index: int) -> None:
+    async def _send_chunk(self, stream: Any, index: int, data: bytes) -> None:
         if self.mode != "stall":
-            await super()._send_chunk(stream, entry, manifest, index)
+            await super()._send_chunk(stream, index, data)
             return
-        data = self.read_chunk(entry, manifest, index)
         await _write(stream, ChunkData(index=index, offset=0, data=data[: 64 * 1024],
                                        last=False))
         await trio.sleep(3600)  # the service's own chunk timeout ends this eventually
