@@ -8,7 +8,7 @@ too-good capacity record claiming the default model, warm, idle and very fast, s
 router that forgot to check trust would pick it. Prints {"peer_id": ...} when up, then
 obeys lines on stdin, answering each with one JSON line:
 
-  on     start attacking every target:
+  on [I,J..]  start attacking every target (or only targets I, J, ... by index):
            - capacity flood: 8 concurrent loops per target of new stream + CapacityRequest;
            - malformed frames: 2 loops per target sending junk on /qvac/capacity and
              /qvac/infer (bad varints, oversized lengths, deep nesting, wrong types,
@@ -79,6 +79,7 @@ class Hostile:
         self.targets = targets
         self.ident = load_or_create_identity(data_dir)
         self.on = False
+        self.active: set[str] = set()  # peer ids under attack while on
         self.wake = trio.Event()
         self.c: dict[str, Any] = {k: 0 for k in (
             "cap_sent", "cap_ok", "cap_busy", "cap_fail", "junk_sent", "junk_replied",
@@ -103,13 +104,13 @@ class Hostile:
             slots_total=64, slots_free=64, queue_len=0, tokens_per_s={sha: 99999.0},
             roles=("provider", "seeder"))
 
-    async def gate(self) -> None:
-        while not self.on:
+    async def gate(self, t: dict[str, Any] | None = None) -> None:
+        while not self.on or (t is not None and t["peer_id"] not in self.active):
             await self.wake.wait()
 
     async def cap_flood(self, t: dict[str, Any]) -> None:
         while True:
-            await self.gate()
+            await self.gate(t)
             self.c["cap_sent"] += 1
             try:
                 with trio.fail_after(5):
@@ -138,7 +139,7 @@ class Hostile:
         payloads = junk_payloads(self.rng)
         k = 0
         while True:
-            await self.gate()
+            await self.gate(t)
             proto, payload = payloads[k % len(payloads)]
             k += 1
             self.c["junk_sent"] += 1
@@ -156,7 +157,7 @@ class Hostile:
         held: list[trio.SocketStream] = []
         try:
             while True:
-                await self.gate()
+                await self.gate(t)
                 try:
                     with trio.fail_after(3):
                         st = await trio.open_tcp_stream(t["ip"], t["port"])
@@ -210,16 +211,21 @@ class Hostile:
                 try:
                     await self.net.connect(f"/ip4/{t['ip']}/tcp/{t['port']}/p2p/{t['peer_id']}",
                                            source="bootstrap")
-                except Exception:  # noqa: BLE001 - a hostile node shrugs off anything
+                except Exception:  # noqa: BLE001, S110 - unreachable now: mDNS finds it later
                     pass
             print(json.dumps({"peer_id": self.ident.peer_id_str}), flush=True)
+            # LAB_ATTACKS (comma list of cap, junk, raw, spoof; default all) picks attacks,
+            # to tell which one costs the victims what
+            attacks = set(os.environ.get("LAB_ATTACKS", "cap,junk,raw,spoof").split(","))
             for t in self.targets:
-                for _ in range(8):
+                for _ in range(8 if "cap" in attacks else 0):
                     nursery.start_soon(self.cap_flood, t)
-                for _ in range(2):
+                for _ in range(2 if "junk" in attacks else 0):
                     nursery.start_soon(self.junk, t)
-                nursery.start_soon(self.raw, t)
-            nursery.start_soon(self.spoof)
+                if "raw" in attacks:
+                    nursery.start_soon(self.raw, t)
+            if "spoof" in attacks:
+                nursery.start_soon(self.spoof)
             stdin = trio.lowlevel.FdStream(os.dup(0))
             buf = b""
             while True:
@@ -229,11 +235,16 @@ class Hostile:
                 buf += data
                 while b"\n" in buf:
                     line, buf = buf.split(b"\n", 1)
-                    cmd = line.strip().decode()
+                    cmd, _, arg = line.strip().decode().partition(" ")
                     now = time.monotonic()
-                    if cmd == "on" and not self.on:
-                        self.on, self._on_since = True, now
+                    if cmd == "on":
+                        idx = [int(x) for x in arg.split(",") if x.strip()] or range(
+                            len(self.targets))
+                        self.active = {self.targets[i]["peer_id"] for i in idx}
+                        if not self.on:
+                            self.on, self._on_since = True, now
                         self.wake.set()
+                        self.wake = trio.Event()
                     elif cmd == "off" and self.on:
                         self.on = False
                         self.attack_s += now - (self._on_since or now)

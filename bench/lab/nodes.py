@@ -77,6 +77,15 @@ class Registry:
         self.path.unlink(missing_ok=True)
 
 
+def pin(pid: int, cpus: str) -> bool:
+    """Move every thread of `pid` to the CPU list `cpus` (taskset syntax); False if we can't."""
+    if shutil.which("taskset") is None:
+        return False
+    r = subprocess.run(["taskset", "-a", "-p", "-c", cpus, str(pid)], capture_output=True,
+                       check=False)
+    return r.returncode == 0
+
+
 def kill_group(proc: Any, sig: int = signal.SIGKILL) -> None:
     if proc is None or proc.returncode is not None:
         return

@@ -73,8 +73,8 @@ def write_chart(path: Path, results: list[Result]) -> str | None:
     fig, axes = plt.subplots(1, 2, figsize=(max(10, 1.3 * len(groups) + 4), 5.5))
     width = 0.8 / max(1, len(series))
     for ax, idx, title, scale in ((axes[0], 0, "tokens/s (higher is better)", 1.0),
-                                  (axes[1], 1, "time to first token, ms (lower is better;"
-                                               " failover: kill/cut to next token)", 1e3)):
+                                  (axes[1], 1, ("time to first token, ms (lower is better;"
+                                                " failover: kill/cut to next token)"), 1e3)):
         for k, s in enumerate(series):
             xs, hs = [], []
             for j, g in enumerate(groups):
