@@ -533,6 +533,14 @@ def build_app(node: Any) -> Starlette:
             "modified_at": datetime.fromtimestamp(entry.added, timezone.utc).isoformat(),
         })
 
+    async def api_pull_route(request: Request) -> Response:
+        if node.puller is None:
+            return JSONResponse({"error": "model pulls need the P2P side; start without --no-p2p"},
+                                status_code=503)
+        from .pull_api import api_pull
+
+        return await api_pull(request, node)
+
     async def api_version(request: Request) -> Response:
         return JSONResponse({"version": __version__})
 
@@ -559,6 +567,7 @@ def build_app(node: Any) -> Starlette:
         Route("/api/generate", api_generate, methods=["POST"]),
         Route("/api/chat", api_chat, methods=["POST"]),
         Route("/api/show", api_show, methods=["POST"]),
+        Route("/api/pull", api_pull_route, methods=["POST"]),
         Route("/api/version", api_version, methods=["GET"]),
         Route("/qvac/status", qvac_status, methods=["GET"]),
         Route("/qvac/peers", qvac_peers, methods=["GET"]),

@@ -369,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name")
     add_data_dir_arg(s)
     s.set_defaults(fn=cmd_models_show)
+    from .pull_api import add_pull_command
+
+    add_pull_command(m, client_args)
     s = m.add_parser("rm", help="remove a model")
     s.add_argument("name")
     add_data_dir_arg(s)

@@ -31,6 +31,10 @@ def parse_size(text: str | int) -> int:
     """'512MiB', '1.5G', '2gb', '1048576' -> bytes (binary units)."""
     if isinstance(text, int):
         return text
+    try:
+        return int(float(text))  # plain numbers, including 40e6
+    except ValueError:
+        pass
     m = _SIZE_RE.match(str(text))
     if not m:
         raise ValueError(f"{text!r} is not a size (try 512MiB or 2GiB)")
@@ -111,6 +115,8 @@ OPTIONS: list[Option] = [
     Option("public_donor", _bool, False, "serve inference to any peer, trusted or not (a donor box)", kind="flag"),
     Option("peer_max_streams", int, 2, "concurrent inference streams one peer may hold here", metavar="N"),
     Option("peer_tokens_per_minute", int, 20000, "tokens one peer may generate here per minute", metavar="N"),
+    Option("shard_max_uploads", int, 4, "model-file uploads served to peers at once", metavar="N"),
+    Option("shard_upload_rate", parse_size, 0, "upload cap for model files, bytes/s, e.g. 50MiB (0: none)", metavar="SIZE"),
     Option("log_level", _choice("debug", "info", "warning", "error"), "info", "log verbosity", metavar="LEVEL"),
 ]
 
@@ -137,6 +143,8 @@ class Config:
     public_donor: bool = False
     peer_max_streams: int = 2
     peer_tokens_per_minute: int = 20000
+    shard_max_uploads: int = 4
+    shard_upload_rate: int = 0
     log_level: str = "info"
 
     @property

@@ -70,16 +70,18 @@ class Node:
         self.network: Any = None  # peers.PeerNetwork once the P2P side is up
         self.api_bound: str | None = None
         self.device: Any = None
+        self.puller: Any = None  # qvacd.shards.Puller once the P2P side is up
         if config.p2p:
             self._init_network()
 
     def _init_network(self) -> None:
         from peers.device import detect_device
         from peers.network import NetworkError, NetworkLimits, PeerNetwork
-        from protocol import INFER_PROTOCOL
+        from protocol import INFER_PROTOCOL, SHARD_PROTOCOL
 
         from .delegation import RemoteInference
         from .infer_service import InferService, PeerQuota
+        from .shards import Puller, ShardService
 
         self.device = detect_device()
         try:
@@ -100,6 +102,9 @@ class Node:
             quota=PeerQuota(self.config.peer_max_streams, self.config.peer_tokens_per_minute),
             metrics=self.metrics)
         self.network.set_stream_handler(INFER_PROTOCOL, self.infer_service.handle)
+        self.shard_service = ShardService.for_node(self)
+        self.network.set_stream_handler(SHARD_PROTOCOL, self.shard_service.handle)
+        self.puller = Puller.for_node(self)
         self.router.remote = RemoteInference(self.node_id, self.network, metrics=self.metrics)
         self.engine.on_change = self.network.capacity_changed
 
@@ -208,6 +213,7 @@ class Node:
                     raise StartupError(f"cannot start the P2P side on {self.config.listen}:"
                                        f" {err}; pick another --listen port") from e
                 nursery.start_soon(self._watch_local_state)
+                await nursery.start(self.puller.run)
             if self.config.preload and self.config.default_model:
                 nursery.start_soon(self._preload)
             try:

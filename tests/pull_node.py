@@ -1,4 +1,4 @@
-"""TEMPORARY test launcher: `qvacd start` with model distribution wired in at runtime.
+"""Test launcher: `qvacd start` with test-only knobs for the shard service and puller.
 
 Until qvacd/node.py, qvacd/api.py and qvacd/cli.py wire the shard service, the puller and
 `/api/pull` themselves, integration tests start daemons through this script instead of
@@ -23,12 +23,9 @@ import os
 import sys
 from pathlib import Path
 
-import trio
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for pull_bad_seeder
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from starlette.routing import Route
 
 from protocol import SHARD_PROTOCOL
 from qvacd import api as api_mod
@@ -55,8 +52,6 @@ def _shard_service(node: node_mod.Node) -> ShardService:
 
 
 _orig_init_network = node_mod.Node._init_network
-_orig_run = node_mod.Node.run
-_orig_build_app = api_mod.build_app
 
 
 def _init_network(self: node_mod.Node) -> None:
@@ -73,28 +68,7 @@ def _init_network(self: node_mod.Node) -> None:
     self.puller = Puller.for_node(self, opts)
 
 
-async def _run(self: node_mod.Node, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    async with trio.open_nursery() as nursery:
-        if getattr(self, "puller", None) is not None:
-            await nursery.start(self.puller.run)
-        await _orig_run(self, task_status=task_status)
-        nursery.cancel_scope.cancel()
-
-
-def _build_app(node):
-    app = _orig_build_app(node)
-    inner = getattr(app, "app", app)  # behind the bearer-token guard, if any
-
-    async def pull(request):
-        return await api_pull(request, node)
-
-    inner.router.routes.insert(0, Route("/api/pull", pull, methods=["POST"]))
-    return app
-
-
 node_mod.Node._init_network = _init_network
-node_mod.Node.run = _run
-node_mod.build_app = _build_app
 
 if __name__ == "__main__":
     sys.exit(cli.main(["start", *sys.argv[1:]]))
