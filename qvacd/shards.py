@@ -383,6 +383,7 @@ class ShardService:
 
 # ---- the partial file ------------------------------------------------------------------
 
+_HOLD_CHUNKS = 8  # chunks kept in memory until the in-order whole-file hash reaches them
 _STATE_MAGIC = b"QVACPRT1"
 _STATE_HEADER = struct.Struct("<8sQII")  # magic, size, chunk_size, n_chunks
 
@@ -401,7 +402,9 @@ class PartialFile:
         self._state_fd: int | None = None
         self._lock = threading.Lock()
         self._whole = hashlib.sha256()
+        self._whole_lock = threading.Lock()
         self._hashed = 0  # chunks fed into _whole, in order
+        self._held: dict[int, list[bytes]] = {}  # stored, not yet hashed, still in memory
 
     def _header(self) -> bytes:
         m = self.manifest
@@ -482,6 +485,15 @@ class PartialFile:
             offset += written
         with self._lock:
             os.write(self._state_fd, struct.pack("<I", index))
+        with self._whole_lock:
+            # Chunks mostly land in order: feed the whole-file hash from memory while
+            # they are hot, keeping a few early arrivals, instead of re-reading the file.
+            if index >= self._hashed and len(self._held) < _HOLD_CHUNKS:
+                self._held[index] = pieces
+            while (held := self._held.pop(self._hashed, None)) is not None:
+                for p in held:
+                    self._whole.update(p)
+                self._hashed += 1
         return True
 
     def sync(self) -> None:
@@ -490,14 +502,20 @@ class PartialFile:
             os.fdatasync(self._fd)
             os.fsync(self._state_fd)
 
-    def hash_range(self, start: int, end: int) -> None:
-        """Feed chunks [start, end) into the whole-file sha256; they must be on disk and
-        follow what was fed before. Lets the whole-file hash run during the download."""
-        assert start == self._hashed and self._fd is not None
+    def hash_upto(self, end: int) -> None:
+        """Feed chunks up to `end` (all on disk) into the whole-file sha256, from memory
+        where held, else from the file. Lets the whole-file hash run during the download."""
+        assert self._fd is not None
         m = self.manifest
-        for i in range(start, end):
-            self._whole.update(os.pread(self._fd, m.chunk_length(i), m.chunk_offset(i)))
-        self._hashed = end
+        with self._whole_lock:
+            while self._hashed < end:
+                held = self._held.pop(self._hashed, None)
+                if held is None:
+                    i = self._hashed
+                    held = [os.pread(self._fd, m.chunk_length(i), m.chunk_offset(i))]
+                for p in held:
+                    self._whole.update(p)
+                self._hashed += 1
 
     @property
     def hashed(self) -> int:
@@ -505,7 +523,7 @@ class PartialFile:
 
     def whole_sha256(self) -> str:
         """Finish the whole-file sha256 (everything must be on disk now)."""
-        self.hash_range(self._hashed, self.manifest.n_chunks)
+        self.hash_upto(self.manifest.n_chunks)
         return self._whole.hexdigest()
 
     def close(self) -> None:
@@ -943,7 +961,7 @@ class Puller:
             while end < n and end in done:
                 end += 1
             if end > partial.hashed:
-                await trio.to_thread.run_sync(partial.hash_range, partial.hashed, end)
+                await trio.to_thread.run_sync(partial.hash_upto, end)
             else:
                 await trio.sleep(0.05)
 
@@ -1218,20 +1236,23 @@ class Puller:
                     async with inflight:
                         pieces = await self._fetch_chunk(peer, manifest, index)
                         good = await trio.to_thread.run_sync(partial.store_chunk, index, pieces)
+                        # Book-keeping with no checkpoint in between: a cancel arriving now
+                        # must not put a stored chunk back in the queue.
+                        finished = good
+                        if good and index in left:
+                            n = manifest.chunk_length(index)
+                            left.discard(index)
+                            done.add(index)
+                            dl.used.add(peer)
+                            dl.completed += n
+                            dl.fetched += n
+                            dl._samples.append((time.monotonic(), n))
+                            self.metrics.pull_bytes.inc(n)
+                            self.metrics.pull_chunks.labels("ok").inc()
                     if not good:
                         raise _PeerFault(f"sent chunk {index} that failed its sha256 check",
                                          "bad_chunk")
-                    finished = True
                     busy_since[0] = None
-                    n = manifest.chunk_length(index)
-                    dl.used.add(peer)
-                    left.discard(index)
-                    done.add(index)
-                    dl.completed += n
-                    dl.fetched += n
-                    dl._samples.append((time.monotonic(), n))
-                    self.metrics.pull_bytes.inc(n)
-                    self.metrics.pull_chunks.labels("ok").inc()
                 except _Busy as b:
                     now = time.monotonic()
                     busy_since[0] = busy_since[0] or now
