@@ -49,17 +49,22 @@ def progress(msg: str) -> None:
     print(f"  [{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-async def settle_cpu(max_s: float = 120.0, quiet: float = 0.2) -> float:
-    """Wait until this process uses under `quiet` of a core over two seconds."""
+async def settle(nets: list[PeerNetwork], max_s: float = 420.0, quiet: float = 0.2) -> float:
+    """Wait until routing tables stop growing and this process is nearly idle (under
+    `quiet` of a core) for two 2-second windows in a row."""
     start = time.monotonic()
-    share = 1.0
+    floor = min(len(nets) - 1, 8)
+    last_rt, calm, share, rt = -1.0, 0, 1.0, 0.0
     while time.monotonic() - start < max_s:
         c0, t0 = time.process_time(), time.monotonic()
         await trio.sleep(2.0)
         share = (time.process_time() - c0) / (time.monotonic() - t0)
-        if share < quiet:
+        rt = statistics.median(n.dht.kad.get_routing_table_size() for n in nets)
+        calm = calm + 1 if share < quiet and rt == last_rt and rt >= floor else 0
+        last_rt = rt
+        if calm >= 2:
             break
-    progress(f"settled after {time.monotonic() - start:.0f} s (cpu {share:.0%})")
+    progress(f"settled after {time.monotonic() - start:.0f} s (cpu {share:.0%}, rt {rt})")
     return time.monotonic() - start
 
 
@@ -93,11 +98,11 @@ async def run_size(n: int, lookups: int, rng: random.Random) -> dict[str, object
             nets.append(net)
         started = time.monotonic() - t0
         # Let discovery settle, then have everyone (re)publish into the fuller DHT.
-        settle = await settle_cpu()
+        settle_s = await settle(nets)
         for net in nets:
             net.capacity_changed()
         await trio.sleep(1.0)
-        settle += await settle_cpu()
+        settle_s += await settle(nets)
         rt = [net.dht.kad.get_routing_table_size() for net in nets]
         conns = [len(net.connected_peers()) for net in nets]
 
@@ -126,7 +131,7 @@ async def run_size(n: int, lookups: int, rng: random.Random) -> dict[str, object
         return {
             "nodes": n,
             "startup_s": started,
-            "settle_s": settle,
+            "settle_s": settle_s,
             "rt_median": statistics.median(rt),
             "conns_median": statistics.median(conns),
             "cap_p50": pct(cap_t, 0.5),

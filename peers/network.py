@@ -109,8 +109,11 @@ class NetworkLimits:
     capacity_read_timeout_s: float = 5.0  # serving: wait for the request frame
     refresh_interval_s: float = 5.0  # re-fetch connected peers' capacity
     republish_interval_s: float = 30.0  # re-sign and put our record in the DHT
-    min_push_interval_s: float = 0.2  # coalesce bursts of capacity_changed()
-    min_dht_publish_interval_s: float = 2.0
+    # Coalesce bursts of capacity_changed() (the engine calls it on every request start
+    # and end): the first change goes out at once, later ones at most this often. A
+    # push costs ~8 ms CPU per connected peer.
+    min_push_interval_s: float = 1.0
+    min_dht_publish_interval_s: float = 5.0
     reprovide_interval_s: float = 300.0  # re-announce held models (provider records)
     record_ttl_s: float = 300.0  # lifetime of our signed record
     dial_timeout_s: float = 5.0
@@ -258,9 +261,12 @@ class PeerNetwork:
         self._fetch_send, self._fetch_recv = trio.open_memory_channel[str](4096)
         self._wake_publisher = trio.Event()
         self._push_pending = False
+        self._push_busy = False
+        self._wake_scheduled = False
         self._dht_publish_pending = False
         self._dht_had_no_peers = True
         self._dht_busy = False
+        self._next_dht_publish = -math.inf  # trio.current_time() of the next allowed put
         self._dht_retry_s = _DHT_RETRY_S
         # model sha256 -> (when announced well, routing table size then)
         self._provided: dict[str, tuple[float, int]] = {}
@@ -295,40 +301,49 @@ class PeerNetwork:
         """Run until cancelled. `task_status.started(self)` once listening with a record."""
         notifee = _Notifee(self)
         async with self.host.run():
-            swarm = self.host.libp2p.get_network()
-            swarm.register_notifee(notifee)
-            try:
-                async with background_trio_service(self.dht.kad), trio.open_nursery() as nursery:
-                    self._nursery = nursery
-                    self._running = True
-                    if not self._sign_current():
-                        raise NetworkError(
-                            "cannot sign an initial capacity record; see the error above"
-                        )
-                    nursery.start_soon(self._fetch_worker)
-                    nursery.start_soon(self._refresh_loop)
-                    nursery.start_soon(self._publisher)
-                    nursery.start_soon(self._discovery_loop)
-                    if self._bootstrap:
-                        nursery.start_soon(self._bootstrap_loop)
-                    if self._mdns is not None:
-                        nursery.start_soon(self._run_mdns)
-                    for peer in self.connected_peers():  # why: connected before we ran
-                        self._queue_fetch(peer)
-                    log.info(
-                        "network up peer_id=%s listen=%s bootstrap=%d mdns=%s",
-                        self.peer_id_str,
-                        ",".join(self.listen_addrs()),
-                        len(self._bootstrap),
-                        self._mdns is not None,
-                    )
-                    task_status.started(self)
-                    await trio.sleep_forever()
-            finally:
-                self._running = False
-                self._nursery = None
-                swarm.remove_notifee(notifee)
-                log.info("network down peer_id=%s", self.peer_id_str)
+            # why not raise here: inside the host's nursery it would reach the caller
+            # wrapped in an ExceptionGroup
+            unsigned = not self._sign_current()
+            if not unsigned:
+                await self._serve(notifee, task_status)
+        if unsigned:
+            raise NetworkError(
+                "cannot sign an initial capacity record (see the error logged above); "
+                "fix the capacity source"
+            )
+
+    async def _serve(self, notifee: _Notifee, task_status: trio.TaskStatus[PeerNetwork]) -> None:
+        """Everything but the host: DHT service, our loops, mDNS; until cancelled."""
+        swarm = self.host.libp2p.get_network()
+        swarm.register_notifee(notifee)
+        try:
+            async with background_trio_service(self.dht.kad), trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self._running = True
+                nursery.start_soon(self._fetch_worker)
+                nursery.start_soon(self._refresh_loop)
+                nursery.start_soon(self._publisher)
+                nursery.start_soon(self._discovery_loop)
+                if self._bootstrap:
+                    nursery.start_soon(self._bootstrap_loop)
+                if self._mdns is not None:
+                    nursery.start_soon(self._run_mdns)
+                for peer in self.connected_peers():  # why: connected before we ran
+                    self._queue_fetch(peer)
+                log.info(
+                    "network up peer_id=%s listen=%s bootstrap=%d mdns=%s",
+                    self.peer_id_str,
+                    ",".join(self.listen_addrs()),
+                    len(self._bootstrap),
+                    self._mdns is not None,
+                )
+                task_status.started(self)
+                await trio.sleep_forever()
+        finally:
+            self._running = False
+            self._nursery = None
+            swarm.remove_notifee(notifee)
+            log.info("network down peer_id=%s", self.peer_id_str)
 
     # -- public API ----------------------------------------------------------------------
 
@@ -495,7 +510,6 @@ class PeerNetwork:
 
     async def _publisher(self) -> None:
         """Re-sign, push and publish: on capacity_changed() (coalesced), and periodically."""
-        last_dht = -math.inf
         while True:
             with trio.move_on_after(self.limits.republish_interval_s) as idle:
                 await self._wake_publisher.wait()
@@ -505,22 +519,35 @@ class PeerNetwork:
             # Re-sign on every wake: a new seq per put, else peers refuse the put as
             # "not better" than the identical record they hold.
             self._sign_current()
-            if push:
+            if push and self._push_busy:
+                self._push_pending = True  # why: one round at a time; it re-wakes us
+            elif push:
+                self._push_busy = True
                 self._nursery_start(self._push_all)
-            now = time.monotonic()
-            if publish and not self._dht_busy and now - last_dht >= self.limits.min_dht_publish_interval_s:
+            if publish and not self._dht_busy and trio.current_time() >= self._next_dht_publish:
                 self._dht_publish_pending = False
                 self._dht_busy = True
-                last_dht = now
+                self._next_dht_publish = trio.current_time() + self.limits.min_dht_publish_interval_s
                 self._nursery_start(self._publish_dht)
             elif publish:
                 # Too soon after the last put, or one is running: come back for it.
                 self._dht_publish_pending = True
-                self._nursery_start(self._wake_later, self.limits.min_dht_publish_interval_s)
+                self._nursery_start(self._wake_after_interval)
             await trio.sleep(self.limits.min_push_interval_s)
 
     async def _wake_later(self, delay: float) -> None:
         await trio.sleep(delay)
+        self._wake_publisher.set()
+
+    async def _wake_after_interval(self) -> None:
+        """One pending wake for 'publish, but not yet': bursts of changes share it."""
+        if self._wake_scheduled:
+            return
+        self._wake_scheduled = True
+        try:
+            await trio.sleep_until(max(self._next_dht_publish, trio.current_time() + 0.05))
+        finally:
+            self._wake_scheduled = False
         self._wake_publisher.set()
 
     async def _publish_dht(self) -> None:
@@ -591,9 +618,14 @@ class PeerNetwork:
             except Exception as exc:
                 log.debug("capacity push to %s failed: %s", peer, exc)
 
-        async with trio.open_nursery() as nursery:
-            for peer in peers:
-                nursery.start_soon(push, peer)
+        try:
+            async with trio.open_nursery() as nursery:
+                for peer in peers:
+                    nursery.start_soon(push, peer)
+        finally:
+            self._push_busy = False
+            if self._push_pending:
+                self._wake_publisher.set()
 
     async def _push_to(self, peer: str) -> None:
         current = self.current_record()
@@ -892,9 +924,10 @@ class PeerNetwork:
             await trio.sleep(0.25)
 
     async def _discovery_loop(self) -> None:
-        """DHT self-lookups: at 0.5, 1, 2, 4 ... s while they keep turning up new peers,
-        every `discovery_max_interval_s` once one finds nothing new, and soon after we
-        dial a peer we were told about (never closer than `min_discovery_interval_s`)."""
+        """DHT self-lookups: after 0.5, 1, 2, 4 ... s up to every `discovery_max_interval_s`,
+        and soon after we dial a peer we were told about (never closer together than
+        `min_discovery_interval_s`). Inbound connections do not trigger one, or each new
+        node would set off a lookup on every node it touches."""
         interval = 0.5
         last = -math.inf
         while True:
@@ -909,18 +942,13 @@ class PeerNetwork:
                 interval = 1.0
                 continue
             last = time.monotonic()
-            # why count the table: the lookup itself dials the peers it queries, so they
-            # are in the table (through the connection callback) by the time it returns
-            known = len(self.table)
             try:
                 with trio.move_on_after(self.limits.lookup_timeout_s):
                     self._connect_discovered(await self.dht.discover_peers())
             except Exception as exc:
                 log.debug("DHT discovery round failed: %s", exc)
-            if len(self.table) > known:
+            if not woken:
                 interval = min(interval * 2, self.limits.discovery_max_interval_s)
-            elif not woken:
-                interval = self.limits.discovery_max_interval_s
 
     def _connect_discovered(self, found: Iterable[ID]) -> None:
         """Dial found peers we are not connected to, up to `max_auto_connect`."""

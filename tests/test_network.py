@@ -125,7 +125,9 @@ async def test_dht_lookup_of_capacity_record_and_model_providers() -> None:
             rec = await c.dht.lookup_record(b.peer_id_str)
             return rec is not None and any(m.sha256 == SHA_B for m in rec[0].models)
 
-        deadline = time.monotonic() + 5
+        # Puts are at most every 5 s (min_dht_publish_interval_s), B's start-up put may
+        # have just gone out: allow two intervals.
+        deadline = time.monotonic() + 10
         while not await lookup_has_model():
             assert time.monotonic() < deadline, "B's new record never showed up in the DHT"
             await trio.sleep(0.1)
@@ -326,3 +328,16 @@ async def test_port_in_use_and_bad_addresses_are_one_line_errors() -> None:
                     bootstrap=["/ip4/127.0.0.1/tcp/4001"], mdns=False)
     with pytest.raises(HostError, match="only TCP"):
         make_host(create_new_key_pair(), ["/ip4/127.0.0.1/udp/4001"])
+
+
+async def test_broken_capacity_source_is_a_clear_startup_error() -> None:
+    from peers.network import NetworkError
+
+    def broken() -> CapacityRecord:
+        raise RuntimeError("engine not ready")
+
+    net = PeerNetwork(Identity.generate(), capacity_source=broken, listen_addrs=LOOPBACK,
+                      mdns=False)
+    with pytest.raises(NetworkError, match="cannot sign an initial capacity record"):
+        async with net:
+            pass
