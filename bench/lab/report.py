@@ -70,25 +70,30 @@ def write_chart(path: Path, results: list[Result]) -> str | None:
         if s not in series:
             series.append(s)
     val = {(g, s): (t, f) for g, s, t, f in points}
-    fig, axes = plt.subplots(1, 2, figsize=(max(10, 1.3 * len(groups) + 4), 5.5))
-    width = 0.8 / max(1, len(series))
+    colors = {s: f"C{k}" for k, s in enumerate(series)}
+    fig, axes = plt.subplots(1, 2, figsize=(max(12, 1.2 * len(groups) + 5), 5.8))
     for ax, idx, title, scale in ((axes[0], 0, "tokens/s (higher is better)", 1.0),
-                                  (axes[1], 1, ("time to first token, ms (lower is better;"
-                                                " failover: kill/cut to next token)"), 1e3)):
-        for k, s in enumerate(series):
-            xs, hs = [], []
-            for j, g in enumerate(groups):
-                v = val.get((g, s), (None, None))[idx]
-                if v is not None:
-                    xs.append(j + (k - (len(series) - 1) / 2) * width)
-                    hs.append(v * scale)
-            bars = ax.bar(xs, hs, width, label=s)
-            ax.bar_label(bars, fmt="%.0f", fontsize=7)
+                                  (axes[1], 1, ("time to first token, ms, log scale (lower is"
+                                                " better; failover: kill/cut to next token)"),
+                                   1e3)):
+        labelled: set[str] = set()
+        for j, g in enumerate(groups):
+            present = [s for s in series if val.get((g, s), (None, None))[idx] is not None]
+            width = 0.8 / max(1, len(present))
+            for k, s in enumerate(present):
+                v = val[(g, s)][idx] * scale
+                x = j + (k - (len(present) - 1) / 2) * width
+                bars = ax.bar([x], [v], width, color=colors[s],
+                              label=None if s in labelled else s)
+                labelled.add(s)
+                ax.bar_label(bars, fmt="%.0f", fontsize=7)
+        if idx == 1:
+            ax.set_yscale("log")
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels(groups, rotation=35, ha="right", fontsize=8)
-        ax.set_title(title, fontsize=10)
+        ax.set_title(title, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.suptitle("qvacd mesh lab", fontsize=12)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -116,7 +116,10 @@ async def amain(args: argparse.Namespace, lab: Lab, results: list[Result]) -> No
     opt = options(args)
     async with trio.open_nursery() as nursery:
         async def watch_signals() -> None:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as sigs:
+            # SIGINT too: delivered here, at one place, rather than as a KeyboardInterrupt
+            # raised wherever the main task happens to be (a client stream could eat it)
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM,
+                                           signal.SIGHUP) as sigs:
                 async for sig in sigs:
                     say(f"\nreceived {signal.Signals(sig).name}; stopping and cleaning up")
                     raise KeyboardInterrupt
@@ -189,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if results:
         meta = machine_meta()
-        meta.update({"command": "python -m bench.lab " + " ".join(argv if argv is not None
-                                                                  else sys.argv[1:]),
+        meta.update({"command": " ".join(["python -m bench.lab", *(argv if argv is not None
+                                                                   else sys.argv[1:])]),
                      "nodes": f"{args.nodes} qvacd daemons (n0: --memory-budget 64MiB;"
                               f" n1..: full) + {extra} hostile",
                      "network": {"bridge": "veth + Linux bridge, tc netem per host",
