@@ -30,11 +30,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 MODEL = "gemma3-270m"
-# Until the daemon wires model distribution itself, daemons start through the test
-# launcher that wires it in at runtime (tests/pull_node.py); afterwards, qvacd itself.
-_LAUNCHER = REPO / "tests" / "pull_node.py"
-DAEMON = [sys.executable, str(_LAUNCHER)] if _LAUNCHER.exists() else \
-    [sys.executable, "-m", "qvacd.cli", "start"]
+DAEMON = [sys.executable, "-m", "qvacd.cli", "start"]
+# --streams is a puller option, not a config option: only the test launcher sets it.
+LAUNCHER = [sys.executable, str(REPO / "tests" / "pull_node.py")]
 
 
 def free_port() -> int:
@@ -76,7 +74,8 @@ class Node:
         self.proc: subprocess.Popen | None = None
 
     def start(self, bootstrap: list[Node]) -> None:
-        args = [*DAEMON, "--data-dir", str(self.dir), "--api", f"127.0.0.1:{self.api_port}",
+        daemon = LAUNCHER if "QVACD_PULL_STREAMS" in self.env else DAEMON
+        args = [*daemon, "--data-dir", str(self.dir), "--api", f"127.0.0.1:{self.api_port}",
                 "--listen", f"/ip4/127.0.0.1/tcp/{self.p2p_port}", "--no-mdns", "--no-preload",
                 *([] if self.model else ["--no-default-model"]),
                 *[x for b in bootstrap for x in ("--bootstrap", b.addr)]]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
 import trio
@@ -217,30 +216,3 @@ def add_pull_command(models_sub: Any, client_args: Any) -> None:
                    help="fetch only from this peer")
     client_args(s)
     s.set_defaults(fn=cmd_models_pull)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m qvacd.pull_api NAME ...`: the command before it is wired into the CLI."""
-    from .cli import CliError
-    from .config import add_data_dir_arg
-
-    p = argparse.ArgumentParser(prog="qvacd models pull")
-    sub = p.add_subparsers(dest="cmd", required=True)
-
-    def client_args(sp: argparse.ArgumentParser) -> None:
-        add_data_dir_arg(sp)
-        sp.add_argument("--api", default=None, help="daemon API HOST:PORT (env QVACD_API)")
-
-    add_pull_command(sub, client_args)
-    args = p.parse_args(["pull", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.fn(args)
-    except CliError as e:
-        print(f"qvacd: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

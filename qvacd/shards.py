@@ -859,6 +859,9 @@ class Puller:
             if other.waiters == 0 and not other.done.is_set():
                 other.scope.cancel()
         if other.result is not None:
+            # Report what the shared download did: sources, bytes, dropped peers.
+            dl.used, dl.fetched, dl.resumed = set(other.used), other.fetched, other.resumed
+            dl.dropped.update(other.dropped)
             return other.result
         assert other.error is not None
         if other.error.status == 499:

@@ -3,8 +3,8 @@ pulls from one and from two seeders (sha256 checked), a kill -9 half-way that re
 without re-fetching, dishonest seeders dropped and named, a peer without the seeder role
 refused, the official ollama client's pull, and onward seeding from a node that pulled.
 
-Daemons start through tests/pull_node.py (the shard service, puller and /api/pull wired
-in at runtime) until qvacd/node.py and qvacd/api.py wire them themselves.
+Daemons start through tests/pull_node.py: `qvacd start` plus test-only knobs (a dishonest
+seeder, a short stall timeout); without a knob set it is the plain daemon.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ CHUNK = 4 << 20
 
 
 class PullDaemon(Daemon):
-    """A daemon started through the test launcher (model distribution wired in)."""
+    """A daemon started through the test launcher (see tests/pull_node.py)."""
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
@@ -234,7 +234,7 @@ def test_pull_from_one_seeder_then_from_two(mesh, model_sha):
 
 def test_kill9_half_way_then_resume_fetches_only_the_rest(mesh, model_sha):
     # 40 MB/s: the pull takes ~6 s, time enough to kill it part-way.
-    mesh.add("slow", env={"QVACD_SHARD_UPLOAD_RATE": "40e6"})
+    mesh.add("slow", "--shard-upload-rate", "40MB")
     pullers(mesh, ["p1"], ["slow"])
     mesh.start("slow")
     mesh.start("p1", bootstrap=("slow",))
@@ -374,7 +374,7 @@ def test_ollama_client_pull_then_a_third_node_pulls_from_the_puller(mesh, model_
     mesh.start("p2", bootstrap=("p1",))
     mesh.wait_holders("p2", ["p1"])
     out = subprocess.run(
-        [sys.executable, "-m", "qvacd.pull_api", MODEL, "--from", mesh.ids["p1"],
+        [sys.executable, "-m", "qvacd.cli", "models", "pull", MODEL, "--from", mesh.ids["p1"],
          "--api", mesh.nodes["p2"].api], capture_output=True, text=True, timeout=120,
         cwd=REPO, env={**os.environ, "COLUMNS": "120"}, check=False)
     assert out.returncode == 0, out.stderr
