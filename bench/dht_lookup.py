@@ -29,18 +29,19 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from peers.device import DeviceInfo  # noqa: E402
-from peers.identity import Identity  # noqa: E402
-from peers.network import NetworkLimits, PeerNetwork  # noqa: E402
-from peers.records import CapacityRecord, ModelInfo  # noqa: E402
+from peers.device import DeviceInfo
+from peers.identity import Identity
+from peers.network import NetworkLimits, PeerNetwork
+from peers.records import CapacityRecord, ModelInfo
 
 DEVICE = DeviceInfo("cpu", "bench", 8 << 30, 4 << 30)
 
 
 def source_for(sha: str):  # type: ignore[no-untyped-def]
     def source() -> CapacityRecord:
-        return CapacityRecord.issue("", 0, DEVICE, models=(ModelInfo(sha, "m", 1, True, 1),),
-                                    slots_total=1, slots_free=1)
+        return CapacityRecord.issue(
+            "", 0, DEVICE, models=(ModelInfo(sha, "m", 1, True, 1),), slots_total=1, slots_free=1
+        )
 
     return source
 
@@ -76,8 +77,12 @@ def pct(xs: list[float], q: float) -> float:
 async def run_size(n: int, lookups: int, rng: random.Random) -> dict[str, object]:
     # Background work (capacity polling, discovery, republishing) is turned down so that
     # the lookups being timed are not queued behind 63 other nodes' chores on one core.
-    limits = NetworkLimits(max_auto_connect=8, refresh_interval_s=120.0,
-                           republish_interval_s=600.0, discovery_max_interval_s=600.0)
+    limits = NetworkLimits(
+        max_auto_connect=8,
+        refresh_interval_s=120.0,
+        republish_interval_s=600.0,
+        discovery_max_interval_s=600.0,
+    )
     n_models = max(1, n // 4)
     shas = [hashlib.sha256(f"model-{i}".encode()).hexdigest() for i in range(n_models)]
     holder = {i: shas[i % n_models] for i in range(n)}
@@ -91,9 +96,14 @@ async def run_size(n: int, lookups: int, rng: random.Random) -> dict[str, object
                 j = rng.randrange(i)
                 if j:
                     boot.append(nets[j].listen_addrs()[0])
-            net = PeerNetwork(Identity.generate(), capacity_source=source_for(holder[i]),
-                              listen_addrs=["/ip4/127.0.0.1/tcp/0"], bootstrap=boot,
-                              mdns=False, limits=limits)
+            net = PeerNetwork(
+                Identity.generate(),
+                capacity_source=source_for(holder[i]),
+                listen_addrs=["/ip4/127.0.0.1/tcp/0"],
+                bootstrap=boot,
+                mdns=False,
+                limits=limits,
+            )
             await stack.enter_async_context(net)
             nets.append(net)
         started = time.monotonic() - t0
@@ -152,16 +162,21 @@ async def main() -> None:
     logging.basicConfig(level=logging.ERROR)
     logging.getLogger("libp2p").setLevel(logging.CRITICAL)
     rng = random.Random(args.seed)
-    print(f"{'nodes':>5} {'start s':>7} {'settle':>6} {'rt':>4} {'conns':>5} | "
-          f"{'cap p50':>8} {'cap p95':>8} {'found':>6} | "
-          f"{'prov p50':>8} {'prov p95':>8} {'recall':>6}")
+    print(
+        f"{'nodes':>5} {'start s':>7} {'settle':>6} {'rt':>4} {'conns':>5} | "
+        f"{'cap p50':>8} {'cap p95':>8} {'found':>6} | "
+        f"{'prov p50':>8} {'prov p95':>8} {'recall':>6}"
+    )
     for n in (int(x) for x in args.sizes.split(",")):
         r = await run_size(n, args.lookups, rng)
-        print(f"{r['nodes']:>5} {r['startup_s']:>7.1f} {r['settle_s']:>6.0f} {r['rt_median']:>4.0f} "
-              f"{r['conns_median']:>5.0f} | {r['cap_p50'] * 1000:>6.0f}ms "
-              f"{r['cap_p95'] * 1000:>6.0f}ms {r['cap_found']:>6.0%} | "
-              f"{r['prov_p50'] * 1000:>6.0f}ms {r['prov_p95'] * 1000:>6.0f}ms "
-              f"{r['prov_recall']:>6.0%}", flush=True)
+        print(
+            f"{r['nodes']:>5} {r['startup_s']:>7.1f} {r['settle_s']:>6.0f} {r['rt_median']:>4.0f} "
+            f"{r['conns_median']:>5.0f} | {r['cap_p50'] * 1000:>6.0f}ms "
+            f"{r['cap_p95'] * 1000:>6.0f}ms {r['cap_found']:>6.0%} | "
+            f"{r['prov_p50'] * 1000:>6.0f}ms {r['prov_p95'] * 1000:>6.0f}ms "
+            f"{r['prov_recall']:>6.0%}",
+            flush=True,
+        )
         await trio.sleep(0.5)
     print("goal: p95 < 1000 ms at 64 nodes (all nodes share one process and core here)")
 

@@ -22,7 +22,18 @@ _EXPORTS = {
     "make_host": "peers.host",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "CapacityError",
+    "Host",
+    "HostError",
+    "NetworkError",
+    "NetworkLimits",
+    "PeerEntry",
+    "PeerNetwork",
+    "PeerTable",
+    "PeerUnavailable",
+    "make_host",
+]
 
 if TYPE_CHECKING:
     from peers.host import Host, HostError, make_host

@@ -263,8 +263,13 @@ class CapacityDHT:
                 return True
             return bool(closer)  # (None, []) is what the library returns on any error
 
-        await self._ask_closest(placement_target(key), ask, lambda: bool(found),
-                                quorum=quorum, query_timeout_s=query_timeout_s)
+        await self._ask_closest(
+            placement_target(key),
+            ask,
+            lambda: bool(found),
+            quorum=quorum,
+            query_timeout_s=query_timeout_s,
+        )
         best: tuple[CapacityRecord, bytes] | None = None
         now = time.time()
         for data in dict.fromkeys(found):  # de-duplicate identical copies
@@ -309,6 +314,7 @@ class CapacityDHT:
             merge(providers)
             return bool(providers or closer)  # ([], []) is what it returns on any error
 
-        await self._ask_closest(key, ask, lambda: bool(found),
-                                quorum=quorum, query_timeout_s=query_timeout_s)
+        await self._ask_closest(
+            key, ask, lambda: bool(found), quorum=quorum, query_timeout_s=query_timeout_s
+        )
         return [PeerInfo(pid, addrs) for pid, addrs in found.items()]

@@ -87,8 +87,7 @@ def expand_wildcards(addrs: Sequence[multiaddr.Multiaddr]) -> list[multiaddr.Mul
                 version = 4 if protos[0] == "ip4" else 6
                 rest = str(m).split("/", 3)[3]  # "tcp/<port>[/...]"
                 expanded = [
-                    multiaddr.Multiaddr(f"/{protos[0]}/{i}/{rest}")
-                    for i in interface_ips(version)
+                    multiaddr.Multiaddr(f"/{protos[0]}/{i}/{rest}") for i in interface_ips(version)
                 ]
         for e in expanded:
             if str(e) not in seen:

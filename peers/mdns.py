@@ -96,7 +96,9 @@ class MdnsService:
             protos = [p.name for p in m.protocols()]
             if len(protos) < 2 or protos[0] not in ("ip4", "ip6") or protos[1] != "tcp":
                 continue
-            base = f"/{protos[0]}/{m.value_for_protocol(protos[0])}/tcp/{m.value_for_protocol('tcp')}"
+            base = (
+                f"/{protos[0]}/{m.value_for_protocol(protos[0])}/tcp/{m.value_for_protocol('tcp')}"
+            )
             ip = ipaddress.ip_address(m.value_for_protocol(protos[0]))
             (loop if ip.is_loopback else out).append(base)
         return out or loop
@@ -171,9 +173,7 @@ class MdnsService:
         finally:
             send.close()
             with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S) as scope:
-                await trio.to_thread.run_sync(
-                    self._close, zc, browser, abandon_on_cancel=True
-                )
+                await trio.to_thread.run_sync(self._close, zc, browser, abandon_on_cancel=True)
             if scope.cancelled_caught:
                 log.warning("zeroconf did not close within %.0f s", CLOSE_TIMEOUT_S)
             self.zc = None

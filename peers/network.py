@@ -246,8 +246,12 @@ class PeerNetwork:
         self.counters: Counter[str] = Counter()
         self.dht = CapacityDHT(self.host.libp2p, self._count_reject)
         self._mdns = (
-            MdnsService(self.peer_id_str, self.listen_addrs, self._on_mdns_peer,
-                        service_type=mdns_service_type)
+            MdnsService(
+                self.peer_id_str,
+                self.listen_addrs,
+                self._on_mdns_peer,
+                service_type=mdns_service_type,
+            )
             if mdns
             else None
         )
@@ -275,8 +279,9 @@ class PeerNetwork:
         self._stack: AsyncExitStack | None = None
         self._outer: trio.Nursery | None = None
         self._running = False
-        self.host.libp2p.set_stream_handler(TProtocol(CAPACITY_PROTOCOL), self._wrap(
-            self._serve_capacity, CAPACITY_PROTOCOL))
+        self.host.libp2p.set_stream_handler(
+            TProtocol(CAPACITY_PROTOCOL), self._wrap(self._serve_capacity, CAPACITY_PROTOCOL)
+        )
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -297,7 +302,9 @@ class PeerNetwork:
         self._outer.cancel_scope.cancel()
         return await self._stack.__aexit__(*exc)
 
-    async def run(self, *, task_status: trio.TaskStatus[PeerNetwork] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, *, task_status: trio.TaskStatus[PeerNetwork] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """Run until cancelled. `task_status.started(self)` once listening with a record."""
         notifee = _Notifee(self)
         async with self.host.run():
@@ -366,7 +373,9 @@ class PeerNetwork:
     def set_stream_handler(self, protocol_id: str, handler: StreamHandler) -> None:
         """Serve `protocol_id`; `handler(stream, remote_peer_id_str)`. Errors are contained:
         a handler that raises gets its stream reset, never the connection closed."""
-        self.host.libp2p.set_stream_handler(TProtocol(protocol_id), self._wrap(handler, protocol_id))
+        self.host.libp2p.set_stream_handler(
+            TProtocol(protocol_id), self._wrap(handler, protocol_id)
+        )
 
     async def open_stream(
         self, peer_id: str | ID, protocol_id: str, timeout: float = 10.0
@@ -405,7 +414,9 @@ class PeerNetwork:
         self._dht_publish_pending = True
         self._wake_publisher.set()
 
-    async def fetch_capacity(self, peer_id: str | ID, timeout: float | None = None) -> CapacityRecord:
+    async def fetch_capacity(
+        self, peer_id: str | ID, timeout: float | None = None
+    ) -> CapacityRecord:
         """Ask `peer_id` directly for its current record; verified, replay-checked, stored.
 
         Raises CapacityError (refused, timed out, malformed) or RecordError (forged/stale).
@@ -413,14 +424,20 @@ class PeerNetwork:
         peer = _id(peer_id).to_base58()
         reply, rtt_ms = await self._exchange(peer, CapacityRequest(), timeout)
         if isinstance(reply, Error):
-            raise CapacityError(f"peer {peer} refused the capacity request: {reply.code}: {reply.message}")
+            raise CapacityError(
+                f"peer {peer} refused the capacity request: {reply.code}: {reply.message}"
+            )
         if not isinstance(reply, CapacityResponse):
-            raise CapacityError(f"peer {peer} answered a capacity request with {type(reply).__name__}")
+            raise CapacityError(
+                f"peer {peer} answered a capacity request with {type(reply).__name__}"
+            )
         rec = self._accept_record(peer, reply.record, source="outbound", rtt_ms=rtt_ms)
         self.counters["capacity_fetched"] += 1
         return rec
 
-    async def lookup_capacity(self, peer_id: str | ID, timeout: float | None = None) -> CapacityRecord | None:
+    async def lookup_capacity(
+        self, peer_id: str | ID, timeout: float | None = None
+    ) -> CapacityRecord | None:
         """`peer_id`'s newest valid record in the DHT (None if none found in time).
 
         A hint: before routing to a peer, confirm with `fetch_capacity` (or a fresh table
@@ -527,7 +544,9 @@ class PeerNetwork:
             if publish and not self._dht_busy and trio.current_time() >= self._next_dht_publish:
                 self._dht_publish_pending = False
                 self._dht_busy = True
-                self._next_dht_publish = trio.current_time() + self.limits.min_dht_publish_interval_s
+                self._next_dht_publish = (
+                    trio.current_time() + self.limits.min_dht_publish_interval_s
+                )
                 self._nursery_start(self._publish_dht)
             elif publish:
                 # Too soon after the last put, or one is running: come back for it.
@@ -581,8 +600,9 @@ class PeerNetwork:
                 # why the routing-table test: announced while our table was still filling,
                 # the record went to peers that are no longer the closest ones
                 when, rt_then = self._provided.get(sha, (-math.inf, 0))
-                return (now - when >= self.limits.reprovide_interval_s
-                        or rt >= rt_then + max(2, rt_then // 4))
+                return now - when >= self.limits.reprovide_interval_s or rt >= rt_then + max(
+                    2, rt_then // 4
+                )
 
             due_models = [sha for sha in held if due(sha)]
             # why the batch: the library refuses more than 10 ADD_PROVIDER per 10 s from one
@@ -648,18 +668,24 @@ class PeerNetwork:
         ok = False
         try:
             with trio.fail_after(timeout):
-                stream = await self.host.libp2p.new_stream(_id(peer), [TProtocol(CAPACITY_PROTOCOL)])
+                stream = await self.host.libp2p.new_stream(
+                    _id(peer), [TProtocol(CAPACITY_PROTOCOL)]
+                )
                 await stream.write(encode_frame(msg))
                 reply = await read_message(stream, FrameDecoder(limits_for(CAPACITY_PROTOCOL)))
                 ok = True
         except trio.TooSlowError:
-            raise CapacityError(f"peer {peer} did not answer on {CAPACITY_PROTOCOL} within {timeout:.1f} s") from None
+            raise CapacityError(
+                f"peer {peer} did not answer on {CAPACITY_PROTOCOL} within {timeout:.1f} s"
+            ) from None
         except ProtocolError as exc:
             raise CapacityError(f"peer {peer} sent a bad capacity frame: {exc}") from None
         except (CapacityError, RecordError):
             raise
         except Exception as exc:
-            raise CapacityError(f"capacity exchange with {peer} failed: {type(exc).__name__}: {exc}") from None
+            raise CapacityError(
+                f"capacity exchange with {peer} failed: {type(exc).__name__}: {exc}"
+            ) from None
         finally:
             if stream is not None:
                 await _close_quietly(stream, reset=not ok)
@@ -705,8 +731,11 @@ class PeerNetwork:
             self.counters["capacity_rate_limited"] += 1
             await self._send_and_close(
                 stream,
-                Error(code=ErrorCode.BUSY, message="too many capacity requests; slow down",
-                      retry_after=round(bucket.retry_after(), 3)),
+                Error(
+                    code=ErrorCode.BUSY,
+                    message="too many capacity requests; slow down",
+                    retry_after=round(bucket.retry_after(), 3),
+                ),
             )
             return
         # why a per-peer cap too: one peer holding streams open until the read timeout
@@ -754,15 +783,18 @@ class PeerNetwork:
                 self._accept_record(peer, msg.record, source="inbound")
             except RecordError as exc:
                 await self._send_and_close(
-                    stream, Error(code=ErrorCode.BAD_REQUEST, message=f"record refused: {exc.reason}")
+                    stream,
+                    Error(code=ErrorCode.BAD_REQUEST, message=f"record refused: {exc.reason}"),
                 )
                 return
         elif not isinstance(msg, CapacityRequest):
             self.counters["capacity_protocol_errors"] += 1
             await self._send_and_close(
                 stream,
-                Error(code=ErrorCode.PROTOCOL,
-                      message=f"unexpected {type(msg).__name__} on {CAPACITY_PROTOCOL}"),
+                Error(
+                    code=ErrorCode.PROTOCOL,
+                    message=f"unexpected {type(msg).__name__} on {CAPACITY_PROTOCOL}",
+                ),
             )
             return
         if current is None:
@@ -783,7 +815,9 @@ class PeerNetwork:
             return
         await _close_quietly(stream)
 
-    def _wrap(self, handler: StreamHandler, protocol_id: str) -> Callable[[INetStream], Awaitable[None]]:
+    def _wrap(
+        self, handler: StreamHandler, protocol_id: str
+    ) -> Callable[[INetStream], Awaitable[None]]:
         async def wrapped(stream: INetStream) -> None:
             peer = stream.muxed_conn.peer_id.to_base58()
             try:
@@ -870,7 +904,9 @@ class PeerNetwork:
             for pid in self.host.libp2p.get_connected_peers():
                 peer = pid.to_base58()
                 entry = self.table.get(peer)
-                if entry is None or (entry.available(now) and not entry.is_fresh(interval * 0.9, now)):
+                if entry is None or (
+                    entry.available(now) and not entry.is_fresh(interval * 0.9, now)
+                ):
                     self._queue_fetch(peer)
                 if pid not in routing:
                     # why: the library drops a peer from its routing table after one failed
@@ -894,9 +930,15 @@ class PeerNetwork:
             with trio.fail_after(self.limits.dial_timeout_s):
                 await self.host.libp2p.connect(PeerInfo(pid, maddrs))
         except (Exception, trio.TooSlowError) as exc:
-            msg = "timed out" if isinstance(exc, trio.TooSlowError) else f"{type(exc).__name__}: {exc}"
+            msg = (
+                "timed out"
+                if isinstance(exc, trio.TooSlowError)
+                else f"{type(exc).__name__}: {exc}"
+            )
             self.table.record_failure(peer, f"dial failed: {msg}"[:200], kind="network")
-            log.info("dial failed peer_id=%s source=%s error=%s", peer, source, msg.splitlines()[0][:160])
+            log.info(
+                "dial failed peer_id=%s source=%s error=%s", peer, source, msg.splitlines()[0][:160]
+            )
             return False
         finally:
             self._inflight_dial.discard(peer)
@@ -937,7 +979,9 @@ class PeerNetwork:
             self._wake_discovery = trio.Event()
             # why: let a burst of connections settle into one lookup, and never run
             # lookups back to back however often we are woken
-            await trio.sleep(max(0.1, last + self.limits.min_discovery_interval_s - time.monotonic()))
+            await trio.sleep(
+                max(0.1, last + self.limits.min_discovery_interval_s - time.monotonic())
+            )
             if not self.connected_peers():
                 interval = 1.0
                 continue
@@ -985,4 +1029,3 @@ class PeerNetwork:
             self.table.upsert(peer, source="mdns", addrs=addrs)
             return
         self._nursery_start(self._dial, peer, addrs, "mdns")
-

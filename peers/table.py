@@ -250,7 +250,9 @@ class PeerTable:
 
     # -- showing -------------------------------------------------------------------------
 
-    def snapshot(self, now: float | None = None, *, max_age_s: float = 30.0) -> list[dict[str, Any]]:
+    def snapshot(
+        self, now: float | None = None, *, max_age_s: float = 30.0
+    ) -> list[dict[str, Any]]:
         """JSON-ready list for GET /qvac/peers and `qvacd peers`, trusted peers first."""
         now = time.time() if now is None else now
         out = []
@@ -301,8 +303,13 @@ def record_to_json(rec: CapacityRecord, now: float | None = None) -> dict[str, A
         },
         "memory_budget": rec.memory_budget,
         "models": [
-            {"sha256": m.sha256, "name": m.name, "size": m.size, "loaded": m.loaded,
-             "memory": m.memory}
+            {
+                "sha256": m.sha256,
+                "name": m.name,
+                "size": m.size,
+                "loaded": m.loaded,
+                "memory": m.memory,
+            }
             for m in rec.models
         ],
         "slots_total": rec.slots_total,

@@ -84,7 +84,9 @@ def _read_event(proc: subprocess.Popen, deadline: float) -> dict:
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
         if not line:
-            raise AssertionError(f"helper exited early: {proc.stderr.read() if proc.stderr else ''}")
+            raise AssertionError(
+                f"helper exited early: {proc.stderr.read() if proc.stderr else ''}"
+            )
         line = line.strip()
         if line.startswith("{"):
             return json.loads(line)
@@ -100,11 +102,16 @@ def test_two_namespaces_find_each_other_by_mdns_within_2s() -> None:
     try:
         bridge.up()
         for ns in bridge.ns:
-            procs.append(subprocess.Popen(
-                ["ip", "netns", "exec", ns, sys.executable, str(HELPER), "3", "8"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                text=True, cwd=REPO,
-            ))
+            procs.append(
+                subprocess.Popen(
+                    ["ip", "netns", "exec", ns, sys.executable, str(HELPER), "3", "8"],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    cwd=REPO,
+                )
+            )
         deadline = time.monotonic() + 60
         for p in procs:
             assert _read_event(p, deadline)["event"] == "ready"
@@ -137,8 +144,10 @@ def test_two_namespaces_find_each_other_by_mdns_within_2s() -> None:
                 p.kill()
                 p.wait()
         bridge.down()
-    assert not any(ns in subprocess.run(["ip", "netns", "list"], capture_output=True,
-                                        text=True).stdout for ns in bridge.ns)
+    assert not any(
+        ns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        for ns in bridge.ns
+    )
 
 
 def test_parse_service_info_rejects_junk() -> None:
@@ -147,13 +156,26 @@ def test_parse_service_info_rejects_junk() -> None:
     from peers.identity import Identity
 
     pid = Identity.generate().peer_id_str
-    good = ServiceInfo("_qvac._tcp.local.", f"{pid}._qvac._tcp.local.", port=4001,
-                       properties={"id": pid, "a0": "/ip4/10.0.0.2/tcp/4001",
-                                   "a1": "/dns4/evil/tcp/1", "a2": "not a multiaddr"})
+    good = ServiceInfo(
+        "_qvac._tcp.local.",
+        f"{pid}._qvac._tcp.local.",
+        port=4001,
+        properties={
+            "id": pid,
+            "a0": "/ip4/10.0.0.2/tcp/4001",
+            "a1": "/dns4/evil/tcp/1",
+            "a2": "not a multiaddr",
+        },
+    )
     assert parse_service_info(good) == (pid, ["/ip4/10.0.0.2/tcp/4001"])
-    bad_id = ServiceInfo("_qvac._tcp.local.", "x._qvac._tcp.local.", port=4001,
-                         properties={"id": "not-a-peer-id", "a0": "/ip4/10.0.0.2/tcp/4001"})
+    bad_id = ServiceInfo(
+        "_qvac._tcp.local.",
+        "x._qvac._tcp.local.",
+        port=4001,
+        properties={"id": "not-a-peer-id", "a0": "/ip4/10.0.0.2/tcp/4001"},
+    )
     assert parse_service_info(bad_id) is None
-    no_addr = ServiceInfo("_qvac._tcp.local.", "y._qvac._tcp.local.", port=0,
-                          properties={"id": pid})
+    no_addr = ServiceInfo(
+        "_qvac._tcp.local.", "y._qvac._tcp.local.", port=0, properties={"id": pid}
+    )
     assert parse_service_info(no_addr) is None

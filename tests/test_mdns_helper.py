@@ -19,11 +19,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import trio  # noqa: E402
+import trio
+from test_network_support import FakeCapacity
 
-from peers.identity import Identity  # noqa: E402
-from peers.network import PeerNetwork  # noqa: E402
-from test_network_support import FakeCapacity  # noqa: E402
+from peers.identity import Identity
+from peers.network import PeerNetwork
 
 
 def emit(**obj: object) -> None:
@@ -34,8 +34,12 @@ async def main(linger_s: float, wait_s: float) -> None:
     emit(event="ready")
     await trio.to_thread.run_sync(sys.stdin.readline)
     started = time.monotonic()
-    net = PeerNetwork(Identity.generate(), capacity_source=FakeCapacity(),
-                      listen_addrs=["/ip4/0.0.0.0/tcp/0"], mdns=True)
+    net = PeerNetwork(
+        Identity.generate(),
+        capacity_source=FakeCapacity(),
+        listen_addrs=["/ip4/0.0.0.0/tcp/0"],
+        mdns=True,
+    )
     async with net:
         emit(event="up", peer_id=net.peer_id_str, addrs=net.listen_addrs())
         with trio.move_on_after(wait_s):
@@ -43,16 +47,29 @@ async def main(linger_s: float, wait_s: float) -> None:
                 fresh = [e for e in net.table if e.is_fresh(30) and e.record is not None]
                 if fresh:
                     e = fresh[0]
-                    emit(event="saw", peer_id=e.peer_id, elapsed_s=time.monotonic() - started,
-                         seq=e.record.seq, source=e.source)
+                    emit(
+                        event="saw",
+                        peer_id=e.peer_id,
+                        elapsed_s=time.monotonic() - started,
+                        seq=e.record.seq,
+                        source=e.source,
+                    )
                     break
                 await trio.sleep(0.01)
         await trio.sleep(linger_s)  # why: stay visible until the other side has seen us
-    emit(event="down", threads=[t.name for t in threading.enumerate()
-                                if t is not threading.main_thread() and t.is_alive()
-                                and not t.daemon])
+    emit(
+        event="down",
+        threads=[
+            t.name
+            for t in threading.enumerate()
+            if t is not threading.main_thread() and t.is_alive() and not t.daemon
+        ],
+    )
 
 
 if __name__ == "__main__":
-    trio.run(main, float(sys.argv[1]) if len(sys.argv) > 1 else 3.0,
-             float(sys.argv[2]) if len(sys.argv) > 2 else 10.0)
+    trio.run(
+        main,
+        float(sys.argv[1]) if len(sys.argv) > 1 else 3.0,
+        float(sys.argv[2]) if len(sys.argv) > 2 else 10.0,
+    )

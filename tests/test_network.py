@@ -12,17 +12,19 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import msgpack
+import multiaddr
 import pytest
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.network.stream.exceptions import StreamError
 from libp2p.peer.peerinfo import info_from_p2p_addr
-import multiaddr
+from test_network_support import DEVICE, LOOPBACK, FakeCapacity, make_net, raw_exchange, wait_until
 
 from peers.dht import placement_target
 from peers.host import make_host
 from peers.identity import Identity
-from peers.network import CapacityError, NetworkLimits, PeerNetwork
+from peers.network import CapacityError, NetworkLimits, PeerNetwork, PeerUnavailable
 from peers.records import CapacityRecord, capacity_key, sign_record
 from protocol import (
     CapacityRequest,
@@ -32,7 +34,6 @@ from protocol import (
     encode_frame,
     encode_varint,
 )
-from test_network_support import DEVICE, LOOPBACK, FakeCapacity, make_net, raw_exchange, wait_until
 
 SHA_A = "a" * 64
 SHA_B = "b" * 64
@@ -50,7 +51,9 @@ def sees(observer: PeerNetwork, other: PeerNetwork) -> bool:
 
 
 @asynccontextmanager
-async def mesh(n_followers: int = 2, **kw: object) -> AsyncIterator[list[tuple[PeerNetwork, FakeCapacity]]]:
+async def mesh(
+    n_followers: int = 2, **kw: object
+) -> AsyncIterator[list[tuple[PeerNetwork, FakeCapacity]]]:
     """A, then followers bootstrapping to A, all running until the block exits."""
     async with AsyncExitStack() as stack:
         a = make_net(**kw)  # type: ignore[arg-type]
@@ -72,9 +75,7 @@ async def test_three_nodes_see_each_other_and_capacity_within_2s() -> None:
         started = time.monotonic()
         async with b, c:
             nets = [a, b, c]
-            await wait_until(
-                lambda: all(sees(x, y) for x in nets for y in nets if x is not y), 2.0
-            )
+            await wait_until(lambda: all(sees(x, y) for x in nets for y in nets if x is not y), 2.0)
             elapsed = time.monotonic() - started
             assert elapsed < 2.0
             # B learnt C (and C learnt B) through A, not from configuration.
@@ -157,12 +158,16 @@ async def test_flooding_peer_is_limited_while_another_is_served() -> None:
         await wait_until(lambda: sees(c, a), 2.0)
         flooder = make_host(create_new_key_pair(), LOOPBACK)
         async with flooder.run():
-            await flooder.libp2p.connect(info_from_p2p_addr(multiaddr.Multiaddr(a.listen_addrs()[0])))
+            await flooder.libp2p.connect(
+                info_from_p2p_addr(multiaddr.Multiaddr(a.listen_addrs()[0]))
+            )
             replies: list[object] = []
 
             async def one() -> None:
                 try:
-                    replies.append(await raw_exchange(flooder, a.peer_id, encode_frame(CapacityRequest())))
+                    replies.append(
+                        await raw_exchange(flooder, a.peer_id, encode_frame(CapacityRequest()))
+                    )
                 except Exception as exc:  # a reset stream also counts as refused
                     replies.append(exc)
 
@@ -196,7 +201,9 @@ async def test_garbage_and_oversized_frames_get_errors_and_node_keeps_serving() 
         (a, _), (c, _) = nodes
         client = make_host(create_new_key_pair(), LOOPBACK)
         async with client.run():
-            await client.libp2p.connect(info_from_p2p_addr(multiaddr.Multiaddr(a.listen_addrs()[0])))
+            await client.libp2p.connect(
+                info_from_p2p_addr(multiaddr.Multiaddr(a.listen_addrs()[0]))
+            )
             cases = [
                 (b"\x05hello", ErrorCode.PROTOCOL),  # not a msgpack map
                 (encode_varint(100 << 20) + b"x" * 10, ErrorCode.TOO_LARGE),  # 100 MiB frame
@@ -224,22 +231,30 @@ async def test_forged_records_are_rejected_and_counted() -> None:
         mallory_id = Identity.generate()
         mallory = make_host(mallory_id.keypair, LOOPBACK)
         async with mallory.run():
-            await mallory.libp2p.connect(info_from_p2p_addr(multiaddr.Multiaddr(a.listen_addrs()[0])))
+            await mallory.libp2p.connect(
+                info_from_p2p_addr(multiaddr.Multiaddr(a.listen_addrs()[0]))
+            )
             # Mallory's own record, pushed by Mallory: accepted, it is hers to publish.
             fake = CapacityRecord.issue(mallory_id.peer_id_str, 10**15, DEVICE)
             signed = sign_record(fake, mallory_id)
-            reply = await raw_exchange(mallory, a.peer_id, encode_frame(CapacityResponse(record=signed)))
+            reply = await raw_exchange(
+                mallory, a.peer_id, encode_frame(CapacityResponse(record=signed))
+            )
             assert isinstance(reply, CapacityResponse)
             # C's genuine record pushed by Mallory: refused, the stream's peer did not sign it.
             c_rec = a.table.get(c.peer_id_str).record
             _, c_bytes = c.current_record()
-            reply = await raw_exchange(mallory, a.peer_id, encode_frame(CapacityResponse(record=c_bytes)))
+            reply = await raw_exchange(
+                mallory, a.peer_id, encode_frame(CapacityResponse(record=c_bytes))
+            )
             assert isinstance(reply, Error) and reply.code == ErrorCode.BAD_REQUEST
             assert a.rejected["key-mismatch"] == 1
             # A tampered body (one bit flipped just before the signature) fails the signature.
             tampered = bytearray(signed)
             tampered[-80] ^= 0x01
-            reply = await raw_exchange(mallory, a.peer_id, encode_frame(CapacityResponse(record=bytes(tampered))))
+            reply = await raw_exchange(
+                mallory, a.peer_id, encode_frame(CapacityResponse(record=bytes(tampered)))
+            )
             assert isinstance(reply, Error) and reply.code == ErrorCode.BAD_REQUEST
             assert a.rejected["bad-signature"] == 1
             assert a.table.get(c.peer_id_str).record == c_rec
@@ -281,7 +296,8 @@ async def test_open_stream_and_custom_handler() -> None:
         a.set_stream_handler("/qvac-test/echo/1", echo)
         a.set_stream_handler("/qvac-test/broken/1", broken)
         await wait_until(lambda: sees(c, a), 2.0)
-        with pytest.raises(Exception):  # the stream is reset (maybe mid-negotiation) ...
+        # the stream is reset, maybe while still negotiating ...
+        with pytest.raises((PeerUnavailable, StreamError)):
             s = await c.open_stream(a.peer_id_str, "/qvac-test/broken/1", timeout=3)
             await s.read(10)
         assert a.is_connected(c.peer_id)  # ... the connection is not
@@ -318,14 +334,22 @@ async def test_port_in_use_and_bad_addresses_are_one_line_errors() -> None:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        net = PeerNetwork(Identity.generate(), capacity_source=FakeCapacity(),
-                          listen_addrs=[f"/ip4/127.0.0.1/tcp/{port}"], mdns=False)
+        net = PeerNetwork(
+            Identity.generate(),
+            capacity_source=FakeCapacity(),
+            listen_addrs=[f"/ip4/127.0.0.1/tcp/{port}"],
+            mdns=False,
+        )
         with pytest.raises(HostError, match="could not listen on .* pick another --listen"):
             async with net:
                 pass
     with pytest.raises(NetworkError, match="bad bootstrap address"):
-        PeerNetwork(Identity.generate(), capacity_source=FakeCapacity(),
-                    bootstrap=["/ip4/127.0.0.1/tcp/4001"], mdns=False)
+        PeerNetwork(
+            Identity.generate(),
+            capacity_source=FakeCapacity(),
+            bootstrap=["/ip4/127.0.0.1/tcp/4001"],
+            mdns=False,
+        )
     with pytest.raises(HostError, match="only TCP"):
         make_host(create_new_key_pair(), ["/ip4/127.0.0.1/udp/4001"])
 
@@ -336,8 +360,9 @@ async def test_broken_capacity_source_is_a_clear_startup_error() -> None:
     def broken() -> CapacityRecord:
         raise RuntimeError("engine not ready")
 
-    net = PeerNetwork(Identity.generate(), capacity_source=broken, listen_addrs=LOOPBACK,
-                      mdns=False)
+    net = PeerNetwork(
+        Identity.generate(), capacity_source=broken, listen_addrs=LOOPBACK, mdns=False
+    )
     with pytest.raises(NetworkError, match="cannot sign an initial capacity record"):
         async with net:
             pass

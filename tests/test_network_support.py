@@ -31,8 +31,14 @@ class FakeCapacity:
     def __call__(self) -> CapacityRecord:
         # peer_id, seq and times are placeholders: the network fills them in and signs.
         return CapacityRecord.issue(
-            "", 0, DEVICE, models=tuple(self.models), slots_total=2, slots_free=2,
-            roles=("provider",), version="test",
+            "",
+            0,
+            DEVICE,
+            models=tuple(self.models),
+            slots_total=2,
+            slots_free=2,
+            roles=("provider",),
+            version="test",
         )
 
 

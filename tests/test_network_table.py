@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_network_support import DEVICE
 
 from peers.records import CapacityRecord, ModelInfo
 from peers.table import BACKOFF_MAX_S, PeerTable
-from test_network_support import DEVICE
 
 P1 = "12D3KooWPeerOne"
 P2 = "12D3KooWPeerTwo"
