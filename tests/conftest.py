@@ -111,7 +111,7 @@ class Daemon:
         return {"Authorization": f"Bearer {tok}"} if tok else {}
 
     def status(self) -> dict:
-        return httpx.get(self.api + "/qvac/status", timeout=5, headers=self.auth()).json()
+        return httpx.get(self.api + "/qvac/status", timeout=30, headers=self.auth()).json()
 
     def log(self) -> str:
         try:

@@ -202,12 +202,12 @@ def test_queue_full_gets_429_with_retry_after(start_daemon):
         next(r.iter_lines())  # the slot is taken now
         assert d.status()["slots_free"] == 0
         busy = httpx.post(d.api + "/v1/completions",
-                          json={"model": MODEL, "prompt": "x", "max_tokens": 2}, timeout=10)
+                          json={"model": MODEL, "prompt": "x", "max_tokens": 2}, timeout=60)
         assert busy.status_code == 429, (busy.text, d.status())
         assert int(busy.headers["retry-after"]) >= 1
         assert "retry" in busy.json()["error"]["message"]
         oll = httpx.post(d.api + "/api/generate",
-                         json={"model": MODEL, "prompt": "x", "stream": False}, timeout=10)
+                         json={"model": MODEL, "prompt": "x", "stream": False}, timeout=60)
         assert oll.status_code == 429 and "error" in oll.json()
 
 

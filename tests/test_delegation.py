@@ -98,7 +98,7 @@ def test_small_node_delegates_to_trusted_peer(mesh):
     text = "".join(c.choices[0].text for c in raw.parse() if c.choices)
     assert text.strip()
     # The same greedy answer as asking the desktop directly.
-    direct = httpx.post(big.api + "/v1/completions", timeout=60, json={
+    direct = httpx.post(big.api + "/v1/completions", timeout=3000, json={
         "model": MODEL, "prompt": "The capital of France is", "max_tokens": 12,
         "temperature": 0}).json()["choices"][0]["text"]
     assert text == direct
@@ -111,7 +111,7 @@ def test_small_node_delegates_to_trusted_peer(mesh):
     assert parts[-1].done and "".join(p.response for p in parts).strip()
     # A local-only request must not leave the laptop: it cannot run here, so 503.
     r = httpx.post(small.api + "/v1/completions", headers={"X-Qvac-Local-Only": "1"},
-                   json={"model": MODEL, "prompt": "x", "max_tokens": 2}, timeout=30)
+                   json={"model": MODEL, "prompt": "x", "max_tokens": 2}, timeout=300)
     assert r.status_code == 503 and "budget" in r.json()["error"]["message"]
     peers = httpx.get(small.api + "/qvac/peers").json()["peers"]
     assert peers[0]["served"] >= 3
@@ -120,7 +120,7 @@ def test_small_node_delegates_to_trusted_peer(mesh):
 
 def test_untrusted_consumer_is_refused(mesh):
     small, _ = small_and_big(mesh, trusted=False)
-    r = httpx.post(small.api + "/v1/completions", timeout=30,
+    r = httpx.post(small.api + "/v1/completions", timeout=300,
                    json={"model": MODEL, "prompt": "x", "max_tokens": 2})
     assert r.status_code == 503
     msg = r.json()["error"]["message"]
@@ -132,7 +132,7 @@ def test_untrusted_consumer_is_refused(mesh):
 def test_nothing_can_serve_says_why(mesh):
     mesh.add("laptop", "--memory-budget", "64MiB")
     small = mesh.start("laptop")
-    r = httpx.post(small.api + "/v1/completions", timeout=30,
+    r = httpx.post(small.api + "/v1/completions", timeout=300,
                    json={"model": MODEL, "prompt": "x", "max_tokens": 2})
     assert r.status_code == 503
     msg = r.json()["error"]["message"]
@@ -141,7 +141,7 @@ def test_nothing_can_serve_says_why(mesh):
 
 def _stream(api: str, body: dict):
     """Yield (event, headers) of an OpenAI SSE stream."""
-    with httpx.stream("POST", api + "/v1/completions", json=body, timeout=60) as r:
+    with httpx.stream("POST", api + "/v1/completions", json=body, timeout=3000) as r:
         assert r.status_code == 200, r.read()
         for line in r.iter_lines():
             if line.startswith("data: {"):
@@ -186,7 +186,7 @@ def test_failover_when_provider_is_killed_mid_stream(mesh):
     # Nothing lost or repeated: greedy decoding continued after exactly what was sent,
     # so the text is the same as an uninterrupted run on the survivor.
     survivor = next(d for n, d in mesh.nodes.items() if n not in ("laptop", victim))
-    ref = httpx.post(survivor.api + "/v1/completions", timeout=60, json={
+    ref = httpx.post(survivor.api + "/v1/completions", timeout=3000, json={
         **body, "stream": False}).json()["choices"][0]["text"]
     assert text[: len(ref) - 12] == ref[: len(ref) - 12], (text, ref)
     assert gap_after_kill is not None and gap_after_kill < 5
@@ -196,7 +196,7 @@ def test_client_cancel_stops_generation_on_provider(mesh):
     small, big = small_and_big(mesh)
     body = {"model": MODEL, "prompt": "1, 2, 3, 4, 5,", "max_tokens": 3000, "temperature": 0,
             "stream": True}
-    with httpx.stream("POST", small.api + "/v1/completions", json=body, timeout=60) as r:
+    with httpx.stream("POST", small.api + "/v1/completions", json=body, timeout=3000) as r:
         n = 0
         for line in r.iter_lines():
             n += line.startswith("data: {")
@@ -258,7 +258,7 @@ def test_misbehaving_provider_is_dropped_and_stream_fails_over(mesh, tmp_path, m
         peers = {p["peer_id"]: p for p in httpx.get(small.api + "/qvac/peers").json()["peers"]}
         assert peers[bad_id]["failures"] >= 1 and peers[bad_id]["backoff_s"] > 0
         # Backed off: the next request goes straight to the honest desktop.
-        r = httpx.post(small.api + "/v1/completions", timeout=60,
+        r = httpx.post(small.api + "/v1/completions", timeout=3000,
                        json={"model": MODEL, "prompt": "Hi", "max_tokens": 3})
         assert r.headers["x-qvac-served-by"] == mesh.ids["desktop"]
     finally:
@@ -276,11 +276,11 @@ def test_overflow_to_peer_when_local_slots_are_busy(mesh):
     mesh.wait_peers("a", ["b"])
     long = {"model": MODEL, "prompt": "1, 2, 3, 4, 5,", "max_tokens": 400, "temperature": 0,
             "stream": True}
-    with httpx.stream("POST", a.api + "/v1/completions", json=long, timeout=60) as r:
+    with httpx.stream("POST", a.api + "/v1/completions", json=long, timeout=3000) as r:
         assert r.headers["x-qvac-served-by"] == mesh.ids["a"]  # a had a free slot
         next(r.iter_lines())
         short = {"model": MODEL, "prompt": "Hi", "max_tokens": 3}
-        r2 = httpx.post(a.api + "/v1/completions", json=short, timeout=60)
+        r2 = httpx.post(a.api + "/v1/completions", json=short, timeout=3000)
         assert r2.status_code == 200
         assert r2.headers["x-qvac-served-by"] == mesh.ids["b"]  # overflowed, not queued
         r3 = httpx.post(a.api + "/api/generate", timeout=120, json={

@@ -48,7 +48,7 @@ def test_three_daemons_find_each_other_and_see_changes(mesh: Mesh, tmp_path: Pat
     env = {**os.environ, "QVACD_DATA_DIR": str(mesh.root / "c")}
     r = subprocess.run([sys.executable, "-m", "qvacd.cli", "models", "add", str(blob),
                         "--name", "second-copy"], env=env, cwd=REPO, capture_output=True,
-                       text=True, timeout=60)
+                       text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     added = time.monotonic()
     waiting = {"a", "b"}
