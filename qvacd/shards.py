@@ -585,6 +585,9 @@ class _PeerFault(Exception):
         self.code = code  # the peer's Error.code when it refused
 
 
+_TRANSIENT = frozenset({"gone", "unreachable"})
+
+
 class _AllFailed(PullError):
     """Every provider of one manifest failed; another manifest's providers may do."""
 
@@ -614,6 +617,7 @@ class PullOptions:
     min_rate: float = 64 * 1024  # slower than this over a whole chunk: stalled too
     dht_timeout_s: float = 5.0  # DHT provider lookup when no record lists the model
     max_busy_s: float = 120.0  # a provider busy for longer than this is dropped
+    transient_retries: int = 3  # broken streams / failed dials in a row before a drop
     progress_interval_s: float = 0.25
 
 
@@ -1227,7 +1231,8 @@ class Puller:
                 scopes[peer].cancel()
             notify()
 
-        async def worker(peer: str, busy_since: list[float | None]) -> None:
+        async def worker(peer: str, busy_since: list[float | None], strikes: list[int]
+                         ) -> None:
             while left:
                 if not pending:
                     with trio.move_on_after(1.0):
@@ -1256,6 +1261,7 @@ class Puller:
                         raise _PeerFault(f"sent chunk {index} that failed its sha256 check",
                                          "bad_chunk")
                     busy_since[0] = None
+                    strikes[0] = 0
                 except _Busy as b:
                     now = time.monotonic()
                     busy_since[0] = busy_since[0] or now
@@ -1265,6 +1271,14 @@ class Puller:
                     await trio.sleep(min(max(b.retry_after, 0.05), 5.0))
                 except _PeerFault as f:
                     self.metrics.pull_chunks.labels(f.kind).inc()
+                    if f.kind in _TRANSIENT and strikes[0] < opts.transient_retries:
+                        # A broken stream or failed dial may be the network, not the peer
+                        # (yamux resets a stream whose reader lagged ~5 s): retry a little.
+                        strikes[0] += 1
+                        plog.info("pull of %s: %s %s; retrying (%d/%d)", dl.name, peer,
+                                  f.reason, strikes[0], opts.transient_retries)
+                        await trio.sleep(0.5)
+                        continue
                     drop(peer, f.reason, f.kind)
                     return
                 except OSError as e:
@@ -1276,13 +1290,14 @@ class Puller:
 
         async def provider(peer: str) -> None:
             busy_since: list[float | None] = [None]
+            strikes = [0]  # transient failures in a row, all streams of this provider
             with trio.CancelScope() as scope, _one_error():
                 scopes[peer] = scope
                 dl.sources.add(peer)
                 try:
                     async with trio.open_nursery() as nursery:
                         for _ in range(opts.streams_per_provider):
-                            nursery.start_soon(worker, peer, busy_since)
+                            nursery.start_soon(worker, peer, busy_since, strikes)
                 finally:
                     dl.sources.discard(peer)
 
@@ -1347,6 +1362,9 @@ class Puller:
             ok = True
             return pieces
         except ProtocolError as e:
+            if e.code == ErrorCode.UNAVAILABLE:  # ended before the last piece
+                raise _PeerFault(f"the stream ended in chunk {index}: {e.message}",
+                                 "gone") from None
             raise _PeerFault(f"broke the protocol in chunk {index}: {e}", "protocol") from None
         except _StreamEnded as e:
             raise _PeerFault(f"the stream broke in chunk {index}: {e}", "gone") from None

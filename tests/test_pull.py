@@ -241,9 +241,15 @@ def test_kill9_half_way_then_resume_fetches_only_the_rest(mesh, model_sha):
     mesh.wait_holders("p1", ["slow"])
     s1, p1 = mesh.nodes["slow"], mesh.nodes["p1"]
     seen: list[dict] = []
+    gauges: dict[str, float] = {}
 
     def kill_when_a_third_is_done(ev: dict) -> None:
         seen.append(ev)
+        if ev["status"] == "downloading" and ev["completed"] > 0 and not gauges:
+            # The same progress numbers in /metrics while the pull runs.
+            for name in ("qvacd_pull_active", "qvacd_pull_total_bytes",
+                         "qvacd_pull_completed_bytes", "qvacd_pull_sources"):
+                gauges[name] = p1.metric(name)
         if ev["status"] == "downloading" and ev["completed"] >= ev["total"] // 3:
             p1.proc.kill()  # SIGKILL: no cleanup, no goodbye
 
@@ -252,6 +258,9 @@ def test_kill9_half_way_then_resume_fetches_only_the_rest(mesh, model_sha):
     p1.proc.wait(10)
     at_kill = max(x.get("completed", 0) for x in seen)
     total = seen[-1]["total"]
+    assert gauges["qvacd_pull_active"] == 1 and gauges["qvacd_pull_total_bytes"] == total
+    assert 0 < gauges["qvacd_pull_completed_bytes"] <= total
+    assert gauges["qvacd_pull_sources"] == 1
     assert total // 3 <= at_kill < total
     partial = p1.data_dir / "models" / "partial"
     assert (partial / f"{model_sha}.part").exists() and (partial / f"{model_sha}.state").exists()
