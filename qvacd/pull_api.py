@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 import trio
@@ -155,7 +156,9 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
         TransferSpeedColumn,
     )
 
-    from .cli import CliError, _api_base, _client, _error_text
+    cli = _cli_module()
+    CliError, _api_base, _client, _error_text = (
+        cli.CliError, cli._api_base, cli._client, cli._error_text)
 
     body: dict[str, Any] = {"model": args.name, "stream": True}
     if getattr(args, "from_peer", None):
@@ -181,7 +184,9 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
                     if "error" in ev:
                         raise CliError(f"pull failed: {ev['error']}")
                     status = ev.get("status", "")
-                    if "total" in ev:
+                    if status == "success":
+                        final = ev
+                    if "total" in ev and (task is not None or status != "success"):
                         desc = {"downloading": "pulling", "success": "pulled"}.get(status, status)
                         if task is None:
                             task = progress.add_task(desc, total=ev["total"],
@@ -190,10 +195,8 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
                         progress.update(task, description=desc, total=ev["total"],
                                         completed=ev.get("completed", 0),
                                         sources=ev.get("sources", 0))
-                    elif task is None:
+                    elif task is None and status != "success":
                         console.print(status)
-                    if status == "success":
-                        final = ev
     except httpx.TransportError as e:
         raise CliError(f"no qvacd daemon answers at {_api_base(args)}; start one with"
                        " `qvacd start` (or pass --api HOST:PORT)") from e
@@ -202,10 +205,25 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
     dropped = final.get("dropped") or {}
     for peer, why in dropped.items():
         console.print(f"dropped {peer}: {why}")
+    if not final.get("fetched") and not final.get("resumed"):
+        print(f"{final.get('model', args.name)} is already here ({final.get('digest', '')})")
+        return 0
     print(f"pulled {final.get('model', args.name)} ({final.get('digest', '')}, "
           f"{final.get('total', 0)} bytes: {final.get('fetched', 0)} fetched from"
           f" {final.get('sources', 0)} peer(s), {final.get('resumed', 0)} resumed)")
     return 0
+
+
+def _cli_module() -> Any:
+    """The running qvacd.cli: under `python -m qvacd.cli` that is `__main__`, and
+    importing qvacd.cli would load a second copy whose CliError `main` does not catch."""
+    main_mod = sys.modules.get("__main__")
+    spec = getattr(main_mod, "__spec__", None)
+    if spec is not None and spec.name == "qvacd.cli" and hasattr(main_mod, "CliError"):
+        return main_mod
+    from . import cli
+
+    return cli
 
 
 def add_pull_command(models_sub: Any, client_args: Any) -> None:
