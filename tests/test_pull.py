@@ -348,6 +348,13 @@ def test_peer_without_seeder_role_is_refused_and_unknown_model_says_so(mesh):
     assert status == 404, body
     assert "no peer has model 'no-such-model'" in body[0]["error"]
     assert re.search(r"asked \d+ peer", body[0]["error"]), body
+    # The CLI says the same in one line.
+    out = subprocess.run([sys.executable, "-m", "qvacd.cli", "models", "pull", "no-such-model",
+                          "--api", p1.api], capture_output=True, text=True, timeout=60,
+                         cwd=REPO, check=False)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        f"qvacd: error: daemon said (404): {body[0]['error']}"], out.stderr
 
     # Ollama's client sees the same refusal as an error with the status code.
     with pytest.raises(ollama.ResponseError) as e:
