@@ -8,6 +8,7 @@ node trusts every other with every role; the hostile node is trusted by nobody.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,7 +78,16 @@ def med(xs: list[float | None]) -> float | None:
 def paired_ratio(num: list[StreamResult], den: list[StreamResult]) -> float | None:
     """Median over rounds of num[k].tps / den[k].tps. Each pair ran back to back, so a
     shared machine's load, which drifts over seconds, mostly cancels out of each ratio."""
-    return med([a.tps / b.tps for a, b in zip(num, den, strict=False) if a.tps and b.tps])
+    return med(_ratios(num, den))
+
+
+def _ratios(num: list[StreamResult], den: list[StreamResult]) -> list[float]:
+    return [a.tps / b.tps for a, b in zip(num, den, strict=False) if a.tps and b.tps]
+
+
+def spread(num: list[StreamResult], den: list[StreamResult]) -> str:
+    rs = _ratios(num, den)
+    return f"{min(rs):.2f}–{max(rs):.2f}" if rs else "—"
 
 
 def ms(x: float | None) -> str:
@@ -105,6 +116,26 @@ async def ensure_mesh(lab: Lab, *, fresh: bool = False, timeout: float = 60) -> 
         await lab.stop_all()
         await lab.start_all()
     await lab.wait_mesh(timeout=timeout)
+
+
+@contextlib.asynccontextmanager
+async def only_provider(lab: Lab, small: LabNode, big: LabNode) -> AsyncIterator[None]:
+    """While inside, `small` may use only `big` as a provider (the provider role of every
+    other node is taken out of its trust store, and put back after), so that a delegated
+    request runs on the same daemon as the local one it is compared with."""
+    others = [n for n in lab.nodes if n is not small and n is not big]
+    ts = TrustStore.in_dir(small.data_dir)
+    try:
+        for n in others:
+            ts.remove(n.peer_id, ["provider"])
+        await trio.sleep(1.5)  # the daemon rereads its trust store
+        check = await small.stream(PROMPT, 4)
+        if check.served_by != [big.peer_id]:
+            raise LabError(f"{small.name} did not route to {big.name} alone: {check.served_by}")
+        yield
+    finally:
+        for n in others:
+            ts.add(n.peer_id, ["provider"])
 
 
 # ---- discovery ------------------------------------------------------------------------
@@ -172,42 +203,44 @@ async def delegation(lab: Lab, opt: Options, res: Result) -> None:
         return
     big = node_by_peer(lab, warm.header_served_by) or lab.nodes[1]
     await big.stream(PROMPT, 8, local_only=True)
-    for imp in opt.delegation_conditions:
-        lab.lan.impair_all(imp)
-        rtt = 2 * imp.delay_ms / 1e3
-        local: list[StreamResult] = []
-        deleg: list[StreamResult] = []
-        for k in range(opt.rounds):  # interleaved, alternating order: this machine is shared
-            pair = [(local, big, True), (deleg, small, False)]
-            for out, node, local_only in (pair if k % 2 == 0 else pair[::-1]):
-                out.append(await node.stream(PROMPT, opt.max_tokens, timeout=120,
-                                             local_only=local_only))
-        bad = [r for r in local + deleg if not r.ok]
-        tl, td = med([r.tps for r in local]), med([r.tps for r in deleg])
-        fl, fd = med([r.ttft for r in local]), med([r.ttft for r in deleg])
-        ratio = paired_ratio(deleg, local)
-        delta = (fd - fl) if (fl is not None and fd is not None) else None
-        bound = 4 * rtt + 0.1
-        served = Counter(getattr(node_by_peer(lab, p), "name", p[:8])
-                         for r in deleg for p in r.served_by)
-        row = {"network": str(imp), "RTT ms": f"{rtt * 1e3:.0f}",
-               "local tok/s": f1(tl), "delegated tok/s": f1(td),
-               "ratio": "—" if ratio is None else f"{ratio:.2f}",
-               "local TTFT ms": ms(fl), "delegated TTFT ms": ms(fd),
-               "TTFT delta ms": ms(delta), "bound ms": ms(bound),
-               "failed": str(len(bad))}
-        res.rows.append(row)
-        res.points.append((f"deleg. {imp}", "local", tl, fl))
-        res.points.append((f"deleg. {imp}", "delegated", td, fd))
-        say(f"  {imp!s:<22} local {f1(tl)} tok/s {ms(fl)} ms | delegated {f1(td)} tok/s"
-            f" {ms(fd)} ms | ratio {row['ratio']} delta {ms(delta)} ms (bound {ms(bound)})"
-            f" served by {dict(served)}")
-        res.check(not bad, f"{imp}: {len(bad)} streams failed: "
-                           + "; ".join(f"{r.kind} {r.error}" for r in bad[:3]))
-        res.check(ratio is not None and ratio >= 0.9,
-                  f"{imp}: delegated/local tokens/s {row['ratio']} < 0.90")
-        res.check(delta is not None and delta <= bound,
-                  f"{imp}: TTFT delta {ms(delta)} ms > bound {ms(bound)} ms")
+    async with only_provider(lab, small, big):
+        for imp in opt.delegation_conditions:
+            lab.lan.impair_all(imp)
+            rtt = 2 * imp.delay_ms / 1e3
+            local: list[StreamResult] = []
+            deleg: list[StreamResult] = []
+            for k in range(opt.rounds):  # interleaved, alternating order: this machine is shared
+                pair = [(local, big, True), (deleg, small, False)]
+                for out, node, local_only in (pair if k % 2 == 0 else pair[::-1]):
+                    out.append(await node.stream(PROMPT, opt.max_tokens, timeout=120,
+                                                 local_only=local_only))
+            bad = [r for r in local + deleg if not r.ok]
+            tl, td = med([r.tps for r in local]), med([r.tps for r in deleg])
+            fl, fd = med([r.ttft for r in local]), med([r.ttft for r in deleg])
+            ratio = paired_ratio(deleg, local)
+            delta = (fd - fl) if (fl is not None and fd is not None) else None
+            bound = 4 * rtt + 0.1
+            served = Counter(getattr(node_by_peer(lab, p), "name", p[:8])
+                             for r in deleg for p in r.served_by)
+            row = {"network": str(imp), "RTT ms": f"{rtt * 1e3:.0f}",
+                   "local tok/s": f1(tl), "delegated tok/s": f1(td),
+                   "ratio": "—" if ratio is None else f"{ratio:.3f}",
+                   "per-round ratios": spread(deleg, local),
+                   "local TTFT ms": ms(fl), "delegated TTFT ms": ms(fd),
+                   "TTFT delta ms": ms(delta), "bound ms": ms(bound),
+                   "failed": str(len(bad))}
+            res.rows.append(row)
+            res.points.append((f"deleg. {imp}", "local", tl, fl))
+            res.points.append((f"deleg. {imp}", "delegated", td, fd))
+            say(f"  {imp!s:<22} local {f1(tl)} tok/s {ms(fl)} ms | delegated {f1(td)} tok/s"
+                f" {ms(fd)} ms | ratio {row['ratio']} delta {ms(delta)} ms (bound {ms(bound)})"
+                f" served by {dict(served)}")
+            res.check(not bad, f"{imp}: {len(bad)} streams failed: "
+                               + "; ".join(f"{r.kind} {r.error}" for r in bad[:3]))
+            res.check(ratio is not None and ratio >= 0.9,
+                      f"{imp}: delegated/local tokens/s {row['ratio']} < 0.90")
+            res.check(delta is not None and delta <= bound,
+                      f"{imp}: TTFT delta {ms(delta)} ms > bound {ms(bound)} ms")
     lab.lan.impair_all(Impair())
     res.summary = "; ".join(f"{r['network']}: {r['ratio']}x tok/s, TTFT {r['TTFT delta ms']} ms"
                             for r in res.rows)
@@ -474,7 +507,7 @@ async def hostile(lab: Lab, opt: Options, res: Result) -> None:
         "hostile", stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     lines = _Lines(proc.stdout)
     ncpu = os.cpu_count() or 1
-    untrusted: list[LabNode] = []
+    stack = contextlib.AsyncExitStack()
     try:
         with trio.fail_after(60):
             hostile_id = json.loads(await lines.next())["peer_id"]
@@ -482,16 +515,8 @@ async def hostile(lab: Lab, opt: Options, res: Result) -> None:
         warm = await small.stream(PROMPT, 8)
         big = node_by_peer(lab, warm.header_served_by) or lab.nodes[1]
         path_nodes = (small, big)
-        # the small node may use only `big` as provider here, so that the measured path
-        # is exactly (small, big) and the bystanders stay off it
-        for n in lab.nodes:
-            if n not in path_nodes:
-                TrustStore.in_dir(small.data_dir).remove(n.peer_id, ["provider"])
-                untrusted.append(n)
-        await trio.sleep(1.5)  # the daemon rereads its trust store
-        check = await small.stream(PROMPT, 4)
-        if check.served_by != [big.peer_id]:
-            raise LabError(f"{small.name} did not route to {big.name} alone: {check.served_by}")
+        # the measured path is exactly (small, big): the bystanders stay off it
+        await stack.enter_async_context(only_provider(lab, small, big))
         pids = {n.name: n.proc.pid for n in lab.nodes if n.proc is not None}
         pids["hostile"] = proc.pid
         if lab.lan.switch is not None:
@@ -550,8 +575,7 @@ async def hostile(lab: Lab, opt: Options, res: Result) -> None:
         lab.registry.discard(proc.pid)
         if lab.lan.switch is not None and lab.lan.switch.poll() is None:
             pin(lab.lan.switch.pid, f"0-{ncpu - 1}")
-        for n in untrusted:
-            TrustStore.in_dir(lab.nodes[0].data_dir).add(n.peer_id, ["provider"])
+        await stack.aclose()
         lab.dirty = True  # daemons restart unpinned
     for path in ("local", "delegated"):
         q, a = quiet[path], attack[path]
@@ -564,7 +588,8 @@ async def hostile(lab: Lab, opt: Options, res: Result) -> None:
         res.rows.append({"path": f"local ({big.name})" if path == "local" else
                          f"delegated ({small.name} → {big.name})",
                          "quiet tok/s": f1(tq), "attack tok/s": f1(ta),
-                         "ratio": "—" if ratio is None else f"{ratio:.2f}",
+                         "ratio": "—" if ratio is None else f"{ratio:.3f}",
+                         "per-round ratios": spread(a, q),
                          "control ratio (bystanders attacked)":
                              "—" if control is None else f"{control:.2f}",
                          "quiet TTFT ms": ms(fq), "attack TTFT ms": ms(fa),
