@@ -236,6 +236,8 @@ def main() -> int:
                 cpu[f"pull x{n_seeders}"].append((used[0], sum(used[1:])))
                 results[f"pull x{n_seeders}"].append(size / dt / 1e6)
                 row.append(f"x{n_seeders} {size / dt / 1e6:6.1f} ({last['sources']} src)")
+                for peer, why in (last.get("dropped") or {}).items():
+                    print(f"  x{n_seeders}: dropped {peer}: {why}", flush=True)
             print(f"round {rnd}: " + "  ".join(row) + "  MB/s", flush=True)
         http_med = statistics.median(results["http"])
         print()

@@ -1263,6 +1263,7 @@ class Puller:
                     busy_since[0] = None
                     strikes[0] = 0
                 except _Busy as b:
+                    self.metrics.pull_chunks.labels("busy").inc()
                     now = time.monotonic()
                     busy_since[0] = busy_since[0] or now
                     if now - busy_since[0] > opts.max_busy_s:
