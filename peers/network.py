@@ -262,6 +262,7 @@ class PeerNetwork:
         self._capacity_active_per_peer: Counter[str] = Counter()
         self._inflight_fetch: set[str] = set()
         self._inflight_dial: set[str] = set()
+        self._learnt_addrs: dict[str, tuple[tuple[str, ...], float]] = {}
         self._fetch_send, self._fetch_recv = trio.open_memory_channel[str](4096)
         self._wake_publisher = trio.Event()
         self._push_pending = False
@@ -836,6 +837,17 @@ class PeerNetwork:
             self._nursery.start_soon(fn, *args)
 
     def _learn_addrs(self, peer: str, addrs: Iterable[str], ttl: int = _PEERSTORE_TTL) -> None:
+        addrs = tuple(addrs)
+        # why the cache: the same signed record arrives every refresh, and parsing
+        # multiaddrs is slow in py-multiaddr (it was ~12% of a busy node's CPU); re-add
+        # only when they change or half their peerstore TTL has passed
+        now = time.monotonic()
+        seen = self._learnt_addrs.get(peer)
+        if not addrs or (seen is not None and seen[0] == addrs and now - seen[1] < ttl / 2):
+            return
+        self._learnt_addrs[peer] = (addrs, now)
+        if len(self._learnt_addrs) > 4 * self.table.max_peers:
+            self._learnt_addrs.clear()
         maddrs = []
         for a in addrs:
             try:
