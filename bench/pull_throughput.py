@@ -161,6 +161,7 @@ def main() -> int:
     ap.add_argument("--seeders", type=int, default=3, help="pull from 1..N seeders")
     ap.add_argument("--streams", type=int, default=0, help="streams per provider (0: default)")
     ap.add_argument("--chunk-size", default="", help="seeders' manifest chunk size, e.g. 8MiB")
+    ap.add_argument("--keep", action="store_true", help="keep the data dirs and daemon logs")
     args = ap.parse_args()
 
     from models.manifest import build_manifest, save_manifest
@@ -259,7 +260,10 @@ def main() -> int:
             httpd.terminate()
         for node in nodes:
             node.stop()
-        shutil.rmtree(root, ignore_errors=True)
+        if args.keep:
+            print(f"data dirs and logs kept in {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

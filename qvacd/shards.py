@@ -1104,15 +1104,26 @@ class Puller:
 
         async def ask(peer: str) -> None:
             want = sha or holders.get(peer) or dl.target
-            try:
-                with trio.fail_after(opts.manifest_timeout_s):
-                    manifests[peer] = await self._fetch_manifest(
-                        peer, want, sha or holders.get(peer) or None)
-            except trio.TooSlowError:
-                failures[peer] = _PeerFault(f"no manifest within {opts.manifest_timeout_s:.0f} s",
-                                            "stall")
-            except _PeerFault as f:
-                failures[peer] = f
+            for attempt in range(opts.transient_retries + 1):
+                try:
+                    with trio.fail_after(opts.manifest_timeout_s):
+                        manifests[peer] = await self._fetch_manifest(
+                            peer, want, sha or holders.get(peer) or None)
+                    failures.pop(peer, None)
+                    return
+                except trio.TooSlowError:
+                    failures[peer] = _PeerFault(
+                        f"no manifest within {opts.manifest_timeout_s:.0f} s", "stall")
+                    return
+                except _PeerFault as f:
+                    failures[peer] = f
+                    if f.kind not in _TRANSIENT:
+                        return
+                    # why: an idle connection can be dead without us knowing yet; the
+                    # failed open drops it and the next one dials afresh
+                    await trio.sleep(0.5 * (attempt + 1))
+            plog.info("pull of %s: %s failed %d times: %s", dl.target, peer,
+                      opts.transient_retries + 1, failures[peer].reason)
 
         with _one_error():
             async with trio.open_nursery() as nursery:
