@@ -659,7 +659,7 @@ def _shape(msg: str) -> str:
     import re
 
     msg = re.sub(r"12D3KooW\w+", "<peer>", msg)
-    msg = re.sub(r"\d+(\.\d+)?", "N", msg)
+    msg = re.sub(r"\b\d+(\.\d+)?\b", "N", msg)
     return msg[:300]
 
 
