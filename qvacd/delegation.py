@@ -192,8 +192,12 @@ class RemoteInference:
         deadline = time.monotonic() + DEFAULT_DEADLINE_MS / 1000
         tried: set[str] = set()
         refusals: list[str] = []
-        attempt = await self._first_attempt(req, tried, refusals, deadline)
+        busy: list[float] = []
+        attempt = await self._first_attempt(req, tried, refusals, deadline, busy)
         if attempt is None:
+            if busy and len(busy) == len(refusals):  # everyone is busy: say when to retry
+                raise EngineError("BUSY", "every peer holding the model is busy; retry shortly"
+                                  f" ({'; '.join(refusals[:3])})", retry_after=min(busy))
             msg = self.explain(req.model, local_reason)
             if refusals:
                 msg += "; tried: " + "; ".join(refusals[:3])
@@ -212,7 +216,7 @@ class RemoteInference:
                 nursery.cancel_scope.cancel()  # client gone: closing our stream stops the peer
 
     async def _first_attempt(self, req: GenerationRequest, tried: set[str], refusals: list[str],
-                             deadline: float) -> _Attempt | None:
+                             deadline: float, busy: list[float]) -> _Attempt | None:
         max_tokens = req.max_tokens
         while time.monotonic() < deadline:
             cands = self.candidates(req.model, exclude=tried)
@@ -228,6 +232,8 @@ class RemoteInference:
             except PeerFailed as e:
                 self._failed(e)
                 refusals.append(f"{e.peer[:12]}…: {e.reason}")
+                if e.refused is not None and e.refused.code == ErrorCode.BUSY:
+                    busy.append(max(1.0, e.refused.retry_after or 1.0))
         return None
 
     async def _ensure_fresh(self, peer: str) -> None:
