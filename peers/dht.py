@@ -17,9 +17,9 @@ The DHT is a hint, and it is stale in known ways (see /shared/py-libp2p-0.8.1.md
   id), which both fills the table and returns the peers near us. The library also drops
   a peer from its table after one failed query; the network re-adds connected peers.
 - Every stream costs ~10 ms of CPU in py-libp2p and a network walk opens ~30 of them, so
-  puts go to the `REPLICAS` closest peers of our own routing table, and lookups ask the
-  closest `LOOKUP_QUORUM` of it first; a walk happens only when the table is smaller
-  than that or the quick path finds nothing.
+  lookups ask the `LOOKUP_QUORUM` closest peers of our own routing table first and walk
+  only if that finds nothing; puts (every 30 s, rare next to lookups) go to the closest
+  of both our table and a walk, so either kind of lookup finds them.
 - A FIND_NODE key must decode as a multihash or be at most 50 bytes, or the remote
   drops the query ("FIND_NODE key is not a valid PeerId"). KadDHT.put_value and
   provide() send the raw key, so "/qvac-cap/<id>" (62 bytes) would never get past the
@@ -59,6 +59,7 @@ log = logging.getLogger("qvacd.peers.dht")
 PUT_TIMEOUT_S = 5.0
 LOOKUP_QUORUM = 3  # close peers that must answer a lookup
 REPLICAS = 8  # close peers a record or provider announcement is stored at
+WALK_TIMEOUT_S = 5.0
 QUERY_TIMEOUT_S = 3.0
 # The library's ADD_PROVIDER rate limit is 10 per 10 s per sender; stay under it.
 PROVIDE_BATCH = 8
@@ -130,18 +131,22 @@ class CapacityDHT:
         return [p for p in seen if p != self.local_id]
 
     async def _store_targets(self, target: bytes) -> list[ID]:
-        """The peers that should hold a value or provider record for `target`.
+        """The peers that should hold a value or provider record for `target`: the
+        `REPLICAS` closest in our routing table, and the `REPLICAS` closest a network
+        walk finds.
 
-        Our routing table's closest `REPLICAS` when it has that many (in a mesh of a few
-        hundred nodes it holds nearly everyone, so these are the peers a network walk
-        would find, without its ~30 FIND_NODE streams); otherwise a network walk.
-        Lookups ask the same closest peers first, so puts and gets meet.
+        Lookups ask the routing table's closest first (fast, and right when tables are
+        complete, as in a small mesh) and walk only when that finds nothing, so a put
+        must land in both places: while tables are still filling (measured: 64 nodes,
+        tables at ~48 of 63 peers) the two sets differ, and a put to only one of them
+        left half the lookups empty-handed.
         """
         local = self.kad.routing_table.find_local_closest_peers(target, REPLICAS)
-        if len(local) < REPLICAS:
-            walked = await self.kad.peer_routing.find_closest_peers_network(target)
-            local = list(dict.fromkeys(list(walked) + list(local)))[:REPLICAS]
-        return [p for p in local if p != self.local_id]
+        walked: list[ID] = []
+        with trio.move_on_after(WALK_TIMEOUT_S):
+            walked = list(await self.kad.peer_routing.find_closest_peers_network(target))
+        targets = list(dict.fromkeys(list(local) + walked[:REPLICAS]))
+        return [p for p in targets if p != self.local_id]
 
     async def publish_record(self, peer_id: str, data: bytes) -> int:
         """Store our record locally and at the closest peers; returns how many took it."""
