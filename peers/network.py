@@ -273,8 +273,7 @@ class PeerNetwork:
         self._dht_busy = False
         self._next_dht_publish = -math.inf  # trio.current_time() of the next allowed put
         self._dht_retry_s = _DHT_RETRY_S
-        # model sha256 -> (when announced well, routing table size then)
-        self._provided: dict[str, tuple[float, int]] = {}
+        self._provided: dict[str, float] = {}  # model sha256 -> when announced well
         self._wake_discovery = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._stack: AsyncExitStack | None = None
@@ -580,7 +579,7 @@ class PeerNetwork:
             current = self.current_record()
             if current is not None:
                 try:
-                    with trio.fail_after(10):
+                    with trio.fail_after(15):  # a walk (5 s) and the stores (5 s)
                         stored = await self.dht.publish_record(self.peer_id_str, current[1])
                     self.counters["dht_published"] += 1
                     retry |= stored < want
@@ -595,25 +594,20 @@ class PeerNetwork:
             for sha in list(self._provided):
                 if sha not in held:
                     del self._provided[sha]  # its provider records expire on their own
-            rt = self.dht.kad.get_routing_table_size()
 
             def due(sha: str) -> bool:
-                # why the routing-table test: announced while our table was still filling,
-                # the record went to peers that are no longer the closest ones
-                when, rt_then = self._provided.get(sha, (-math.inf, 0))
-                return now - when >= self.limits.reprovide_interval_s or rt >= rt_then + max(
-                    2, rt_then // 4
-                )
+                last = self._provided.get(sha, -math.inf)
+                return now - last >= self.limits.reprovide_interval_s
 
             due_models = [sha for sha in held if due(sha)]
             # why the batch: the library refuses more than 10 ADD_PROVIDER per 10 s from one
             # peer; the rest waits for the next round.
             for sha in due_models[:PROVIDE_BATCH]:
-                with trio.move_on_after(10):
+                with trio.move_on_after(15):
                     sent = await self.dht.provide(sha)
                     self.counters["dht_provided"] += 1
                     if sent >= want:
-                        self._provided[sha] = (now, rt)
+                        self._provided[sha] = now
                         continue
                 retry = True
             if len(due_models) > PROVIDE_BATCH:
