@@ -194,15 +194,13 @@ def test_disconnect_mid_stream_frees_slot(shared_daemon):
     assert r.status_code == 200 and time.monotonic() - t0 < 5
 
 
-@pytest.mark.xfail(strict=False, reason="intermittent: in about 1 of 3 runs of this module the"
-                   " over-limit request is admitted (200) while status shows the slot held;"
-                   " not yet explained, see the issue 3 note")
 def test_queue_full_gets_429_with_retry_after(start_daemon):
     d = start_daemon("--queue-size", "0", "--slots", "1")
     body = {"model": MODEL, "prompt": "1, 2, 3, 4, 5,", "max_tokens": 300, "stream": True,
             "temperature": 0}
     with httpx.stream("POST", d.api + "/v1/completions", json=body, timeout=30) as r:
-        next(r.iter_lines())  # the slot is taken now
+        lines = r.iter_lines()  # kept: a dropped iterator closes the connection
+        next(lines)  # the slot is taken now
         assert d.status()["slots_free"] == 0
         busy = httpx.post(d.api + "/v1/completions",
                           json={"model": MODEL, "prompt": "x", "max_tokens": 2}, timeout=60)

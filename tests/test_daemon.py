@@ -28,7 +28,8 @@ def test_clean_shutdown_within_two_seconds(start_daemon, sig):
     # Mid-stream shutdown is the hard case: a generation is running in a worker thread.
     with httpx.stream("POST", d.api + "/v1/completions", timeout=30, json={
             "model": MODEL, "prompt": "Tell me a story", "max_tokens": 500, "stream": True}) as r:
-        next(r.iter_lines())
+        lines = r.iter_lines()  # kept: a dropped iterator closes the connection
+        next(lines)
         t0 = time.monotonic()
         d.proc.send_signal(sig)
         rc = d.proc.wait(5)

@@ -198,7 +198,8 @@ def test_client_cancel_stops_generation_on_provider(mesh):
             "stream": True}
     with httpx.stream("POST", small.api + "/v1/completions", json=body, timeout=3000) as r:
         n = 0
-        for line in r.iter_lines():
+        lines = r.iter_lines()  # kept until the check: a dropped one closes the connection
+        for line in lines:
             n += line.startswith("data: {")
             if n >= 5:
                 break
@@ -283,7 +284,8 @@ def test_overflow_to_peer_when_local_slots_are_busy(mesh):
             "stream": True}
     with httpx.stream("POST", a.api + "/v1/completions", json=long, timeout=3000) as r:
         assert r.headers["x-qvac-served-by"] == mesh.ids["a"]  # a had a free slot
-        next(r.iter_lines())
+        lines = r.iter_lines()  # kept: a dropped iterator closes the connection
+        next(lines)
         short = {"model": MODEL, "prompt": "Hi", "max_tokens": 3}
         r2 = httpx.post(a.api + "/v1/completions", json=short, timeout=3000)
         assert r2.status_code == 200
