@@ -52,6 +52,8 @@ from libp2p.tools.anyio_service import background_trio_service
 from peers.dht import PROVIDE_BATCH, PROVIDE_WINDOW_S, CapacityDHT
 from peers.host import DEFAULT_LISTEN, Host, make_host
 from peers.mdns import SERVICE_TYPE, MdnsService
+from peers.reachability import Reachability
+from peers.relay import RelayOptions, RelayService, is_circuit
 from peers.records import (
     MAX_ADDRS,
     REASONS,
@@ -229,6 +231,7 @@ class PeerNetwork:
         trust_store: RoleSource | None = None,
         limits: NetworkLimits | None = None,
         mdns_service_type: str = SERVICE_TYPE,
+        relay: RelayOptions | None = None,
     ) -> None:
         self.identity = identity
         self.peer_id: ID = identity.peer_id
@@ -282,6 +285,16 @@ class PeerNetwork:
         self.host.libp2p.set_stream_handler(
             TProtocol(CAPACITY_PROTOCOL), self._wrap(self._serve_capacity, CAPACITY_PROTOCOL)
         )
+        # Beyond the LAN (peers/relay.py, peers/reachability.py)
+        self.relay = RelayService(
+            self.host.libp2p, relay or RelayOptions(), on_addrs_changed=self.capacity_changed
+        )
+        self.reachability = Reachability(
+            self.host.libp2p,
+            listen_ports=self._listen_ports,
+            servers=self._dialback_servers,
+            on_change=lambda _state: self.capacity_changed(),
+        )
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -327,6 +340,8 @@ class PeerNetwork:
             async with background_trio_service(self.dht.kad), trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self._running = True
+                await nursery.start(self.relay.run)
+                nursery.start_soon(self.reachability.run)
                 nursery.start_soon(self._fetch_worker)
                 nursery.start_soon(self._refresh_loop)
                 nursery.start_soon(self._publisher)
@@ -384,6 +399,8 @@ class PeerNetwork:
         pid = _id(peer_id)
         try:
             with trio.fail_after(timeout):
+                if not self.is_connected(pid):
+                    await self._connect_relayed_if_needed(pid.to_base58(), timeout / 2)
                 return await self.host.libp2p.new_stream(pid, [TProtocol(protocol_id)])
         except trio.TooSlowError:
             raise PeerUnavailable(
@@ -507,7 +524,9 @@ class PeerNetwork:
             log.exception("capacity source failed; keeping the previous record")
             return False
         now = time.time()
-        addrs = tuple(base.addrs) or tuple(self.listen_addrs()[:MAX_ADDRS])
+        addrs = tuple(base.addrs) or tuple(
+            (self.listen_addrs() + self.relay.circuit_addrs())[:MAX_ADDRS]
+        )
         rec = dataclasses.replace(
             base,
             peer_id=self.peer_id_str,
@@ -932,9 +951,18 @@ class PeerNetwork:
         try:
             self._learn_addrs(peer, addrs)
             pid = _id(peer)
-            maddrs = self.host.libp2p.get_peerstore().addrs(pid)
-            with trio.fail_after(self.limits.dial_timeout_s):
-                await self.host.libp2p.connect(PeerInfo(pid, maddrs))
+            maddrs = [
+                m for m in self.host.libp2p.get_peerstore().addrs(pid) if not is_circuit(m)
+            ]
+            try:
+                if not maddrs:
+                    raise PeerUnavailable("no direct address")
+                with trio.fail_after(self.limits.dial_timeout_s):
+                    await self.host.libp2p.connect(PeerInfo(pid, maddrs))
+            except (Exception, trio.TooSlowError):
+                # why: a peer behind NAT is reachable only through a relay
+                if not await self.relay.dial(peer, list(addrs) + self._known_circuits(peer)):
+                    raise
         except (Exception, trio.TooSlowError) as exc:
             msg = (
                 "timed out"
@@ -1018,6 +1046,56 @@ class PeerNetwork:
                 continue
             budget -= 1
             self._nursery_start(self._dial, peer, addrs, "dht")
+
+    # -- beyond the LAN: relays, paths, reachability -------------------------------------
+
+    def _known_circuits(self, peer: str) -> list[str]:
+        entry = self.table.get(peer)
+        addrs = list(entry.record.addrs) if entry is not None and entry.record else []
+        try:
+            addrs += [str(a) for a in self.host.libp2p.get_peerstore().addrs(_id(peer))]
+        except Exception:
+            pass
+        return [a for a in addrs if is_circuit(a)]
+
+    async def _connect_relayed_if_needed(self, peer: str, timeout: float) -> None:
+        """Not connected to `peer`: try its direct addresses, then a relay (best effort)."""
+        with trio.move_on_after(timeout):
+            try:
+                maddrs = [
+                    m for m in self.host.libp2p.get_peerstore().addrs(_id(peer)) if not is_circuit(m)
+                ]
+                if maddrs:
+                    with trio.move_on_after(min(3.0, timeout / 2)):
+                        await self.host.libp2p.connect(PeerInfo(_id(peer), maddrs))
+                        return
+            except Exception:
+                pass
+            if not self.is_connected(peer):
+                await self.relay.dial(peer, self._known_circuits(peer))
+
+    def peer_path(self, peer: str) -> tuple[str | None, str | None]:
+        """("direct"|"relayed"|None, relay peer id) of our connection to `peer`."""
+        return self.relay.path(peer)
+
+    def _listen_ports(self) -> list[int]:
+        ports = []
+        for a in self.host.bound_addrs():
+            try:
+                ports.append(int(a.value_for_protocol("tcp")))
+            except Exception:
+                continue
+        return ports
+
+    def _dialback_servers(self) -> list[str]:
+        """Peers to ask for a dial-back: our relays and bootstrap peers first."""
+        first = [p for p in (*self.relay.relays(), *self._bootstrap) if self.is_connected(p)]
+        rest = [p for p in self.connected_peers() if p not in first]
+        return first + rest
+
+    def beyond_lan_status(self) -> dict[str, Any]:
+        """Reachability, relayed addresses and reservations, relay service counters."""
+        return {**self.reachability.status(), **self.relay.status()}
 
     # -- mDNS ----------------------------------------------------------------------------
 

@@ -149,6 +149,21 @@ def cmd_status(args: argparse.Namespace) -> int:
               f" free, queue {st['queue']}, delegate {st['delegate']}")
     for a in st.get("listen_addrs", []):
         con.print(f"listening {a}")
+    net = st.get("network") or {}
+    if net:
+        con.print(f"reachability {net.get('reachability', 'unknown')}"
+                  + (", hole punching on" if net.get("hole_punch") else ""))
+        for a in net.get("relayed_addrs", []):
+            con.print(f"relayed {a}")
+        for r in net.get("reservations", []):
+            extra = (f" expires in {r['expires_in_s']}s" if "expires_in_s" in r
+                     else f" ({r.get('error', '')})")
+            con.print(f"relay {r['relay']} {r['state']}{extra}")
+        svc = net.get("service")
+        if svc:
+            con.print(f"relay service: {svc['reservations']}/{svc['max_reservations']}"
+                      f" reservations, {svc['circuits_active']} circuits,"
+                      f" {svc['bytes_relayed']} bytes relayed")
     t = Table("model", "size", "needs", "fits", "loaded", "tok/s")
     for m in st["models"]:
         tps = f"{m['tokens_per_s']:.1f}" if m.get("tokens_per_s") else "-"
@@ -166,8 +181,8 @@ def cmd_peers(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table("peer", "trust", "roles", "models", "slots", "tok/s", "rtt ms", "served",
-              "failed", "verified")
+    t = Table("peer", "trust", "roles", "models", "slots", "tok/s", "rtt ms", "path",
+              "served", "failed", "verified")
     for p in peers:
         cap = p.get("capacity") or {}
         models = ",".join(m.get("name", "?") for m in cap.get("models", [])) or "-"
@@ -179,6 +194,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
                   f"{cap.get('slots_free', '-')}/{cap.get('slots_total', '-')}",
                   f"{max(tps.values()):.0f}" if tps else "-",
                   f"{rtt:.1f}" if isinstance(rtt, (int, float)) else "-",
+                  p.get("path") or "-",
                   str(p.get("served", 0)), str(p.get("failed", 0)),
                   f"{age:.0f}s ago" if isinstance(age, (int, float)) else "-")
     Console(width=None if sys.stdout.isatty() else 160).print(t)

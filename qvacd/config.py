@@ -117,6 +117,14 @@ OPTIONS: list[Option] = [
     Option("peer_tokens_per_minute", int, 20000, "tokens one peer may generate here per minute", metavar="N"),
     Option("shard_max_uploads", int, 4, "model-file uploads served to peers at once", metavar="N"),
     Option("shard_upload_rate", parse_size, 0, "upload cap for model files, bytes/s, e.g. 50MiB (0: none)", metavar="SIZE"),
+    Option("relay", _list, [], "relay to reserve a slot on and be reached through, MULTIADDR/p2p/PEERID (repeatable)", kind="append", metavar="MULTIADDR"),
+    Option("relay_service", _bool, False, "relay connections for peers behind NAT (circuit relay v2)", kind="flag"),
+    Option("relay_allow", _list, [], "peer ids that may reserve a slot on this relay (repeatable; none: anyone, within the limits)", kind="append", metavar="PEERID"),
+    Option("relay_max_reservations", int, 32, "reservations this relay holds at once", metavar="N"),
+    Option("relay_reservation_ttl", int, 3600, "seconds a reservation on this relay lasts before it must be renewed", metavar="S"),
+    Option("relay_circuit_duration", int, 3600, "seconds one relayed connection may last (0: no limit)", metavar="S"),
+    Option("relay_circuit_bytes", parse_size, 1 << 30, "bytes one relayed connection may carry, both ways, e.g. 1GiB (0: no limit)", metavar="SIZE"),
+    Option("hole_punch", _bool, True, "upgrade relayed connections to direct ones by hole punching (DCUtR)", kind="flag"),
     Option("log_level", _choice("debug", "info", "warning", "error"), "info", "log verbosity", metavar="LEVEL"),
 ]
 
@@ -145,6 +153,14 @@ class Config:
     peer_tokens_per_minute: int = 20000
     shard_max_uploads: int = 4
     shard_upload_rate: int = 0
+    relay: list[str] = field(default_factory=list)
+    relay_service: bool = False
+    relay_allow: list[str] = field(default_factory=list)
+    relay_max_reservations: int = 32
+    relay_reservation_ttl: int = 3600
+    relay_circuit_duration: int = 3600
+    relay_circuit_bytes: int = 1 << 30
+    hole_punch: bool = True
     log_level: str = "info"
 
     @property
@@ -165,6 +181,12 @@ class Config:
                 raise ConfigError(f"{name} must be at least 1")
         if self.queue_size < 0:
             raise ConfigError("queue_size must be 0 or more")
+        for name in ("relay_max_reservations", "relay_reservation_ttl"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")
+        for name in ("relay_circuit_duration", "relay_circuit_bytes"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be 0 (no limit) or more")
 
 
 def _is_loopback(host: str) -> bool:

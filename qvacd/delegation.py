@@ -106,12 +106,19 @@ class RemoteInference:
             if m is None or (r.memory_budget and m.memory > r.memory_budget):
                 continue  # not there, or too big for that peer too
             tps = dict(r.tokens_per_s).get(m.sha256, 0.0) if r.tokens_per_s else 0.0
-            # Lower sorts first: warm, free slot, short queue, fast, near, reliable.
-            score = (0 if m.loaded else 1, 0 if r.slots_free > 0 else 1, r.queue_len,
+            # Lower sorts first: warm, free slot, direct before relayed, short queue,
+            # fast, near, reliable.
+            score = (0 if m.loaded else 1, 0 if r.slots_free > 0 else 1,
+                     self._path_rank(e.peer_id), r.queue_len,
                      -round(tps), e.rtt_ms if e.rtt_ms is not None else 1e3, e.failures)
             out.append(Candidate(e.peer_id, score, r))
         out.sort(key=lambda c: c.score)
         return out
+
+    def _path_rank(self, peer: str) -> int:
+        """0 direct (or not connected yet: a dial prefers direct), 1 through a relay."""
+        path = getattr(self.network, "peer_path", None)
+        return 1 if path is not None and path(peer)[0] == "relayed" else 0
 
     def has_candidates(self, model: str) -> bool:
         return bool(self.candidates(model))

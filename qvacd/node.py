@@ -77,6 +77,7 @@ class Node:
     def _init_network(self) -> None:
         from peers.device import detect_device
         from peers.network import NetworkError, NetworkLimits, PeerNetwork
+        from peers.relay import RelayError, RelayOptions
         from protocol import INFER_PROTOCOL, SHARD_PROTOCOL
 
         from .delegation import RemoteInference
@@ -84,6 +85,12 @@ class Node:
         from .shards import Puller, ShardService
 
         self.device = detect_device()
+        cfg = self.config
+        relay = RelayOptions(
+            service=cfg.relay_service, max_reservations=cfg.relay_max_reservations,
+            reservation_ttl_s=cfg.relay_reservation_ttl,
+            circuit_duration_s=cfg.relay_circuit_duration, circuit_bytes=cfg.relay_circuit_bytes,
+            allow=tuple(cfg.relay_allow), relays=tuple(cfg.relay), hole_punch=cfg.hole_punch)
         try:
             self.network = PeerNetwork(
                 self.identity, capacity_source=self.capacity_record,
@@ -92,8 +99,8 @@ class Node:
                 # Changes are pushed the moment they happen and a dead peer drops its
                 # connection, so polling is only a safety net: every 20 s, not 5 s
                 # (5 s cost an idle node ~3% CPU with 8 peers).
-                limits=NetworkLimits(refresh_interval_s=20.0))
-        except NetworkError as e:
+                limits=NetworkLimits(refresh_interval_s=20.0), relay=relay)
+        except (NetworkError, RelayError) as e:
             raise StartupError(str(e)) from e
         except Exception as e:  # a malformed --listen address and the like
             raise StartupError(f"cannot set up the P2P host: {e}") from e
@@ -180,12 +187,16 @@ class Node:
         if self.network is not None:
             out["listen_addrs"] = self.network.listen_addrs()
             out["peers"] = len(self.network.table.snapshot())
+            out["network"] = self.network.beyond_lan_status()
         return out
 
     def peers_snapshot(self) -> list[dict[str, Any]]:
         if self.network is None:
             return []
-        return self.network.table.snapshot()
+        snap = self.network.table.snapshot()
+        for entry in snap:
+            entry["path"], entry["relay"] = self.network.peer_path(entry["peer_id"])
+        return snap
 
     # ---- lifecycle -------------------------------------------------------------------
 

@@ -1,0 +1,227 @@
+"""Two private LANs behind two NAT routers and a public segment with a relay, in namespaces.
+
+    public  198.51.100.0/24 (bridge in namespace `wan`)
+      relay   198.51.100.2            (the relay node: publicly reachable)
+      nat1    198.51.100.11 -- LAN1 10.1.0.0/24: a 10.1.0.2, c 10.1.0.3
+      nat2    198.51.100.12 -- LAN2 10.2.0.0/24: b 10.2.0.2
+
+Each NAT router forwards its LAN out of `wan0` with nftables MASQUERADE (Linux keeps the
+source port when it is free: endpoint-independent mapping, what hole punching needs) and
+drops unsolicited inbound connections, as a home router's firewall does; replies and
+connections matching a mapping its LAN opened pass. Hosts have a default route only to
+their router; routers and the relay have no default route at all, so no packet can leave
+the namespaces this lab made, and the host namespace holds none of its links.
+
+Names are `qnat<pid>-<role>`; `down()` kills what runs inside and deletes them (all links
+go with their namespaces); `cleanup_stale()` removes labs whose process is gone.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+PREFIX = "qnat"
+RELAY_IP = "198.51.100.2"
+NAT_WAN = {"nat1": "198.51.100.11", "nat2": "198.51.100.12"}
+HOSTS = {"a": ("nat1", "10.1.0.2"), "c": ("nat1", "10.1.0.3"), "b": ("nat2", "10.2.0.2")}
+LAN_GW = {"nat1": "10.1.0.1", "nat2": "10.2.0.1"}
+
+
+class NatLabError(Exception):
+    """The NAT lab cannot run here; one sentence saying why."""
+
+
+def sh(*cmd: str, check: bool = True, timeout: float = 15) -> subprocess.CompletedProcess:
+    r = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise NatLabError(f"`{' '.join(cmd)}` failed: {(r.stderr or r.stdout).strip()}")
+    return r
+
+
+def why_not() -> str | None:
+    """None if this process can build the NAT lab, else the reason (for a skip message)."""
+    if sys.platform != "linux":
+        return f"network namespaces need Linux, this is {sys.platform}"
+    if os.geteuid() != 0:
+        return "building network namespaces needs root"
+    for tool, pkg in (("ip", "iproute2"), ("nft", "nftables")):
+        if shutil.which(tool) is None:
+            return f"the `{tool}` tool is missing (install {pkg})"
+    probe = f"{PREFIX}{os.getpid()}-probe"
+    try:
+        sh("ip", "netns", "add", probe)
+        r = sh("ip", "netns", "exec", probe, "nft", "add", "table", "ip", "nat", check=False)
+        if r.returncode != 0:
+            return f"nftables NAT does not work in a namespace here: {r.stderr.strip()}"
+    except NatLabError as e:
+        return f"cannot create a network namespace here ({e})"
+    finally:
+        sh("ip", "netns", "del", probe, check=False)
+    return None
+
+
+_NAME = re.compile(rf"^{PREFIX}(\d+)-")
+
+
+def cleanup_stale() -> list[str]:
+    """Delete NAT-lab namespaces whose creating process is gone."""
+    removed = []
+    for line in sh("ip", "netns", "list", check=False).stdout.splitlines():
+        name = line.split()[0] if line.split() else ""
+        m = _NAME.match(name)
+        if not m:
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue  # alive
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        _kill_ns(name)
+        sh("ip", "netns", "del", name, check=False)
+        removed.append(name)
+    return removed
+
+
+def _kill_ns(ns: str) -> None:
+    r = sh("ip", "netns", "pids", ns, check=False)
+    for pid in (int(x) for x in r.stdout.split() if x.isdigit()):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+class NatLab:
+    """Build with `up()`, tear down with `down()` (idempotent, best effort at every step)."""
+
+    def __init__(self, *, firewall: bool = True) -> None:
+        self.tag = f"{PREFIX}{os.getpid()}"
+        self.firewall = firewall
+        self.created: list[str] = []
+
+    def ns(self, role: str) -> str:
+        return f"{self.tag}-{role}"
+
+    def exec_prefix(self, role: str) -> list[str]:
+        return ["ip", "netns", "exec", self.ns(role)]
+
+    def _x(self, role: str, *cmd: str) -> None:
+        sh("ip", "netns", "exec", self.ns(role), *cmd)
+
+    def _add_ns(self, role: str) -> None:
+        name = self.ns(role)
+        sh("ip", "netns", "add", name)
+        self.created.append(name)
+        self._x(role, "ip", "link", "set", "lo", "up")
+
+    def _veth(self, a: str, a_if: str, b: str, b_if: str) -> None:
+        sh("ip", "-n", self.ns(a), "link", "add", a_if, "type", "veth", "peer", "name", b_if,
+           "netns", self.ns(b))
+
+    def up(self) -> None:
+        cleanup_stale()
+        try:
+            self._up()
+        except BaseException:
+            self.down()
+            raise
+
+    def _up(self) -> None:
+        for role in ("wan", "relay", "nat1", "nat2", *HOSTS):
+            self._add_ns(role)
+        self._x("wan", "ip", "link", "add", "br0", "type", "bridge")
+        self._x("wan", "ip", "link", "set", "br0", "up")
+        # the public segment
+        for i, (role, ip) in enumerate([("relay", RELAY_IP), *NAT_WAN.items()]):
+            port = f"p{i}"
+            iface = "eth0" if role == "relay" else "wan0"
+            self._veth("wan", port, role, iface)
+            self._x("wan", "ip", "link", "set", port, "master", "br0")
+            self._x("wan", "ip", "link", "set", port, "up")
+            self._x(role, "ip", "addr", "add", f"{ip}/24", "dev", iface)
+            self._x(role, "ip", "link", "set", iface, "up")
+        # the private LANs
+        for nat, gw in LAN_GW.items():
+            self._x(nat, "ip", "link", "add", "br1", "type", "bridge")
+            self._x(nat, "ip", "addr", "add", f"{gw}/24", "dev", "br1")
+            self._x(nat, "ip", "link", "set", "br1", "up")
+            self._x(nat, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+            rules = [
+                "add table ip nat",
+                "add chain ip nat post { type nat hook postrouting priority 100 ; }",
+                'add rule ip nat post oifname "wan0" masquerade',
+            ]
+            if self.firewall:
+                rules += [
+                    "add table inet fw",
+                    "add chain inet fw guard_in { type filter hook input priority 0 ; }",
+                    'add rule inet fw guard_in iifname "wan0" ct state new drop',
+                    "add chain inet fw guard_fwd { type filter hook forward priority 0 ; }",
+                    'add rule inet fw guard_fwd iifname "wan0" ct state new drop',
+                ]
+            for rule in rules:
+                self._x(nat, "nft", *rule.split(" "))
+        for host, (nat, ip) in HOSTS.items():
+            port = f"l{host}"
+            self._veth(nat, port, host, "eth0")
+            self._x(nat, "ip", "link", "set", port, "master", "br1")
+            self._x(nat, "ip", "link", "set", port, "up")
+            self._x(host, "ip", "addr", "add", f"{ip}/24", "dev", "eth0")
+            self._x(host, "ip", "link", "set", "eth0", "up")
+            self._x(host, "ip", "route", "add", "default", "via", LAN_GW[nat])
+
+    def conntrack_count(self, nat: str) -> int:
+        """Entries in a router's NAT table (a hint that traffic went through it)."""
+        r = sh("ip", "netns", "exec", self.ns(nat), "cat", "/proc/sys/net/netfilter/nf_conntrack_count",
+               check=False)
+        return int(r.stdout.strip() or 0)
+
+    def down(self) -> None:
+        for name in self.created:
+            _kill_ns(name)
+        for name in reversed(self.created):
+            sh("ip", "netns", "del", name, check=False)
+        self.created.clear()
+
+    def leftovers(self) -> list[str]:
+        return [ln.split()[0] for ln in sh("ip", "netns", "list", check=False).stdout.splitlines()
+                if ln.split() and ln.split()[0].startswith(self.tag + "-")]
+
+    def __enter__(self) -> NatLab:
+        self.up()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+
+def tcp_probe(lab: NatLab, src: str, dst_ip: str, port: int = 9) -> bool:
+    """Whether `src` can open a TCP connection to dst_ip:port (a refusal counts as reached)."""
+    code = (
+        "import socket,sys\n"
+        "try:\n"
+        f"    socket.create_connection(({dst_ip!r}, {port}), timeout=1)\n"
+        "except ConnectionRefusedError:\n"
+        "    pass\n"
+        "except OSError:\n"
+        "    sys.exit(1)\n"
+    )
+    return sh(*lab.exec_prefix(src), sys.executable, "-c", code, check=False).returncode == 0
+
+
+if __name__ == "__main__":  # python -m bench.lab.nat: build, probe, tear down
+    with NatLab() as lab:
+        print("a -> relay", tcp_probe(lab, "a", RELAY_IP))
+        print("b -> relay", tcp_probe(lab, "b", RELAY_IP))
+        print("a -> c (same LAN)", tcp_probe(lab, "a", HOSTS["c"][1]))
+        print("a -> nat2 (firewall: False)", tcp_probe(lab, "a", NAT_WAN["nat2"]))
+        print("relay -> a's private address (False)", tcp_probe(lab, "relay", HOSTS["a"][1]))
+    print("leftovers:", lab.leftovers())
