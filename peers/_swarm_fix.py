@@ -29,6 +29,18 @@ from libp2p.network.swarm import Swarm
 log = logging.getLogger("qvacd.peers.swarm_fix")
 
 _ORIGINAL = Swarm._do_handle_inbound_connection
+# Attribute of a patched swarm holding the admission policy: an object with
+# allow_inbound_ip(ip) -> bool, allow_peer(peer_id) -> bool and offence(kind, ip=...).
+POLICY_ATTR = "_qvac_inbound_policy"
+
+
+def _remote_ip(read_write_closer: Any) -> str | None:
+    try:
+        addr = read_write_closer.get_remote_address()
+    except Exception:
+        return None
+    return addr[0] if addr else None
+
 _MARK = "_qvac_inbound_fix"
 
 
@@ -62,6 +74,16 @@ async def _do_handle_inbound_connection(
         await _ORIGINAL(self, read_write_closer, maddr, failure_event)
         return
 
+    # Our admission policy (peers.guard): a banned IP costs only accept + close here.
+    policy = getattr(self, POLICY_ATTR, None)
+    ip = _remote_ip(read_write_closer)
+    if policy is not None and ip is not None and not policy.allow_inbound_ip(ip):
+        try:
+            await read_write_closer.close()
+        except Exception:
+            pass
+        return
+
     remote_maddr = self._build_remote_multiaddr(read_write_closer)
     if remote_maddr is not None and not await self.connection_gate.is_allowed(remote_maddr):
         log.debug("inbound connection from %s denied by connection gate", remote_maddr)
@@ -76,8 +98,17 @@ async def _do_handle_inbound_connection(
         muxed_conn = await self.upgrade_inbound_raw_conn(raw_conn, maddr)
     except Exception as exc:
         log.debug("inbound upgrade on %s failed: %s", maddr, exc)
+        if policy is not None and ip is not None:
+            policy.offence("handshake", ip=ip)
         try:
             await raw_conn.close()
+        except Exception:
+            pass
+        return
+    peer = getattr(muxed_conn, "peer_id", None)
+    if policy is not None and peer is not None and not policy.allow_peer(peer.to_base58()):
+        try:
+            await muxed_conn.close()
         except Exception:
             pass
         return
@@ -99,3 +130,8 @@ def apply_inbound_slot_fix(swarm: Any) -> None:
         _do_handle_inbound_connection, swarm
     )
     setattr(swarm, _MARK, True)
+
+
+def set_inbound_policy(swarm: Any, policy: Any) -> None:
+    """Install an admission policy on a patched swarm (see POLICY_ATTR)."""
+    setattr(swarm, POLICY_ATTR, policy)

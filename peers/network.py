@@ -49,7 +49,9 @@ from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.rcmgr import Direction
 from libp2p.tools.anyio_service import background_trio_service
 
+from peers._swarm_fix import set_inbound_policy
 from peers.dht import PROVIDE_BATCH, PROVIDE_WINDOW_S, CapacityDHT
+from peers.guard import GuardConfig, PeerGuard
 from peers.host import DEFAULT_LISTEN, Host, make_host
 from peers.mdns import SERVICE_TYPE, MdnsService
 from peers.reachability import Reachability
@@ -232,6 +234,7 @@ class PeerNetwork:
         limits: NetworkLimits | None = None,
         mdns_service_type: str = SERVICE_TYPE,
         relay: RelayOptions | None = None,
+        guard_config: GuardConfig | None = None,
     ) -> None:
         self.identity = identity
         self.peer_id: ID = identity.peer_id
@@ -242,6 +245,13 @@ class PeerNetwork:
         self._bootstrap.pop(self.peer_id_str, None)  # why: a node listed as its own peer
         self.host: Host = make_host(identity.keypair, list(listen_addrs))
         self.table = PeerTable(trust_store)
+        self.guard = PeerGuard(
+            lambda peer: self.table.is_trusted(peer),
+            trusted_ips=self._trusted_ips,
+            config=guard_config,
+            on_ban=self._on_ban,
+        )
+        set_inbound_policy(self.host.libp2p.get_network(), self.guard)
         self.trust_store = trust_store
         self.seq_tracker = SeqTracker()
         self._seq = SeqSource()
@@ -743,6 +753,8 @@ class PeerNetwork:
         bucket = self._bucket(peer, now)
         if not bucket.take(now):
             self.counters["capacity_rate_limited"] += 1
+            if self.offence("rate_limited", stream, peer):
+                return  # banned: its connections are being closed, answer nothing
             await self._send_and_close(
                 stream,
                 Error(
@@ -759,6 +771,8 @@ class PeerNetwork:
             or self._capacity_active_per_peer[peer] >= self.limits.max_capacity_streams_per_peer
         ):
             self.counters["capacity_busy"] += 1
+            if self.offence("busy", stream, peer):
+                return
             await self._send_and_close(
                 stream, Error(code=ErrorCode.BUSY, message="capacity service busy", retry_after=1.0)
             )
@@ -787,6 +801,8 @@ class PeerNetwork:
         except ProtocolError as exc:
             self.counters["capacity_protocol_errors"] += 1
             log.info("capacity protocol error from %s: %s", peer, exc)
+            if self.offence("protocol", stream, peer):
+                return
             await self._send_and_close(stream, Error.from_exception(exc))
             return
 
@@ -803,6 +819,8 @@ class PeerNetwork:
                 return
         elif not isinstance(msg, CapacityRequest):
             self.counters["capacity_protocol_errors"] += 1
+            if self.offence("protocol", stream, peer):
+                return
             await self._send_and_close(
                 stream,
                 Error(
@@ -873,8 +891,50 @@ class PeerNetwork:
         if maddrs and peer != self.peer_id_str:
             self.host.libp2p.get_peerstore().add_addrs(_id(peer), maddrs, ttl)
 
+    # -- misbehaviour -------------------------------------------------------------------
+
+    def offence(self, kind: str, stream: INetStream, peer: str) -> bool:
+        """Score one offence by `peer` (and its IP) on `stream`; True if it is now banned.
+        Services call it for refused, malformed or unauthorized requests."""
+        ip = None
+        try:
+            addr = stream.get_remote_address()
+            ip = addr[0] if addr else None
+        except Exception:
+            pass
+        return self.guard.offence(kind, peer=peer, ip=ip)
+
+    def _trusted_ips(self) -> set[str]:
+        ips: set[str] = set()
+        for pid, conns in list(self.host.libp2p.get_network().connections.items()):
+            if not self.table.is_trusted(pid.to_base58()):
+                continue
+            for conn in conns if isinstance(conns, (list, tuple, set)) else [conns]:
+                try:
+                    addr = conn.muxed_conn.get_remote_address()
+                except Exception:
+                    continue
+                if addr:
+                    ips.add(addr[0])
+        return ips
+
+    def _on_ban(self, peer: str) -> None:
+        self.counters["peers_banned"] += 1
+        self.table.record_failure(peer, "banned for misbehaving", kind="network")
+        self._nursery_start(self._close_peer, peer)
+
+    async def _close_peer(self, peer: str) -> None:
+        with trio.move_on_after(2):
+            try:
+                await self.host.libp2p.get_network().close_peer(_id(peer))
+            except Exception as exc:
+                log.debug("closing banned peer %s failed: %s", peer, exc)
+
     def _on_connected(self, conn: INetConn) -> None:
         peer = conn.muxed_conn.peer_id.to_base58()
+        if not self.guard.allow_peer(peer):  # outbound, or inbound racing the ban
+            self._nursery_start(self._close_peer, peer)
+            return
         inbound = getattr(conn, "direction", None) == Direction.INBOUND
         self.table.upsert(peer, source="inbound" if inbound else "outbound")
         self.table.set_connected(peer, True)
@@ -939,7 +999,7 @@ class PeerNetwork:
                     self._nursery_start(self.dht.add_peer, pid)
 
     async def _dial(self, peer: str, addrs: Sequence[str], source: str) -> bool:
-        if peer == self.peer_id_str:
+        if peer == self.peer_id_str or self.guard.peer_banned(peer):
             return False
         self.table.upsert(peer, source=source, addrs=addrs)
         if self.is_connected(peer):

@@ -75,6 +75,8 @@ class InferService:
         self.is_authorized = is_authorized  # (peer_id) -> bool
         self.quota = quota
         self.metrics = metrics
+        # (kind, stream, peer) -> banned?: misbehaviour goes to the network's guard
+        self.on_offence: Any = lambda kind, stream, peer: False
 
     def _count(self, peer: str, outcome: str) -> None:
         if self.metrics is not None:
@@ -96,6 +98,8 @@ class InferService:
             await _try_send(io, Error(ErrorCode.INTERNAL, "provider error; try another peer"))
         finally:
             self._count(peer_id, outcome)
+            if outcome in ("protocol", "unauthorized"):
+                self.on_offence(outcome, stream, peer_id)
             await io.close()
 
     async def _serve(self, io: FrameStream, peer: str) -> str:

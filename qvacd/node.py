@@ -108,8 +108,10 @@ class Node:
             self.engine, is_authorized=self._may_consume,
             quota=PeerQuota(self.config.peer_max_streams, self.config.peer_tokens_per_minute),
             metrics=self.metrics)
+        self.infer_service.on_offence = self.network.offence
         self.network.set_stream_handler(INFER_PROTOCOL, self.infer_service.handle)
         self.shard_service = ShardService.for_node(self)
+        self.shard_service.on_offence = self.network.offence
         self.network.set_stream_handler(SHARD_PROTOCOL, self.shard_service.handle)
         self.puller = Puller.for_node(self)
         self.router.remote = RemoteInference(self.node_id, self.network, metrics=self.metrics)
@@ -188,6 +190,7 @@ class Node:
             out["listen_addrs"] = self.network.listen_addrs()
             out["peers"] = len(self.network.table.snapshot())
             out["network"] = self.network.beyond_lan_status()
+            out["banned"] = self.network.guard.banned()
         return out
 
     def peers_snapshot(self) -> list[dict[str, Any]]:

@@ -191,6 +191,8 @@ class ShardService:
     ) -> None:
         self.store = store
         self.is_authorized = is_authorized
+        # (kind, stream, peer) -> banned?: misbehaviour goes to the network's guard
+        self.on_offence: Callable[[str, Any, str], Any] = lambda kind, stream, peer: False
         self.max_uploads = max(1, int(max_uploads))
         self.rate = _RateLimiter(upload_rate)
         self.request_timeout_s = request_timeout_s
@@ -258,6 +260,8 @@ class ShardService:
                                                " peer"))
         finally:
             self._count(kind, outcome)
+            if outcome in ("protocol", "unauthorized"):
+                self.on_offence(outcome, stream, peer_id)
             # A reset tells the fetcher the answer was cut short; everything else, even a
             # refusal, was a whole answer and ends cleanly.
             await _close(stream, reset=outcome in ("gone", "timeout", "error"))

@@ -151,7 +151,7 @@ async def test_dht_lookup_of_capacity_record_and_model_providers() -> None:
         assert b.peer_id_str not in await c.find_model_providers(SHA_B)
 
 
-async def test_flooding_peer_is_limited_while_another_is_served() -> None:
+async def test_flooding_peer_is_refused_then_banned_while_another_is_served() -> None:
     limits = NetworkLimits(capacity_rate_per_s=10, capacity_burst=20)
     async with mesh(1, limits=limits) as nodes:
         (a, _), (c, _) = nodes
@@ -181,17 +181,47 @@ async def test_flooding_peer_is_limited_while_another_is_served() -> None:
             ok = [r for r in replies if isinstance(r, CapacityResponse)]
             busy = [r for r in replies if isinstance(r, Error) and r.code == ErrorCode.BUSY]
             assert served_other == 5
-            # At most the burst (20) plus a little refill gets through; the rest is refused
-            # by the token bucket, or by the per-peer cap of 4 streams at once.
-            assert 1 <= len(ok) <= 30, len(ok)
-            assert len(ok) + len(busy) == 60, replies
-            assert all(b.retry_after is not None for b in busy)
-            assert a.counters["capacity_rate_limited"] >= 25
-            assert a.counters["capacity_rate_limited"] + a.counters["capacity_busy"] == len(busy)
-            # The flooder's connection stays up, and after waiting it is served again.
-            assert a.is_connected(flooder.peer_id)
+            # At most the burst (20) plus a little refill is served; the rest is refused
+            # (BUSY) until the ban cuts the flooder off and its streams die with it.
+            assert len(ok) <= 30, len(ok)
+            assert len(ok) + len(busy) < 60
+            assert a.counters["capacity_rate_limited"] + a.counters["capacity_busy"] >= 30
+            # 40 refusals at once is abuse, not a burst: the flooder is banned. Its
+            # connection is closed, a new one is refused, and the honest peer is served.
+            await wait_until(lambda: not a.is_connected(flooder.peer_id), 2.0)
+            await wait_until(
+                lambda: not flooder.libp2p.get_network().connections.get(a.peer_id), 2.0)
+            assert a.counters["peers_banned"] == 1
+            banned = a.guard.banned()
+            assert [b["peer_id"] for b in banned["peers"]] == [flooder.peer_id.to_base58()]
+            assert banned["ips"][0]["ip"] == "127.0.0.1"
+            with pytest.raises(Exception):  # noqa: B017, PT011 - any refusal will do
+                with trio.fail_after(3):
+                    await flooder.libp2p.connect(
+                        info_from_p2p_addr(multiaddr.Multiaddr(a.listen_addrs()[0])))
+                    await raw_exchange(flooder, a.peer_id, encode_frame(CapacityRequest()))
+            assert a.guard.refused_total >= 1
+            assert (await c.fetch_capacity(a.peer_id_str)).peer_id == a.peer_id_str
+
+
+async def test_peer_slightly_over_the_rate_is_refused_but_not_banned() -> None:
+    limits = NetworkLimits(capacity_rate_per_s=10, capacity_burst=20)
+    async with mesh(0, limits=limits) as nodes:
+        ((a, _),) = nodes
+        eager = make_host(create_new_key_pair(), LOOPBACK)
+        async with eager.run():
+            await eager.libp2p.connect(
+                info_from_p2p_addr(multiaddr.Multiaddr(a.listen_addrs()[0]))
+            )
+            replies = [await raw_exchange(eager, a.peer_id, encode_frame(CapacityRequest()))
+                       for _ in range(30)]
+            refused = [r for r in replies if isinstance(r, Error)]
+            assert refused and all(r.code == ErrorCode.BUSY and r.retry_after is not None
+                                   for r in refused)
+            # A few refusals are forgiven: still connected, and served after waiting.
+            assert a.is_connected(eager.peer_id) and a.counters["peers_banned"] == 0
             await trio.sleep(0.3)
-            again = await raw_exchange(flooder, a.peer_id, encode_frame(CapacityRequest()))
+            again = await raw_exchange(eager, a.peer_id, encode_frame(CapacityRequest()))
             assert isinstance(again, CapacityResponse)
 
 
