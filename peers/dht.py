@@ -124,10 +124,21 @@ class CapacityDHT:
     def routing_peers(self) -> list[ID]:
         return list(self.kad.routing_table.get_peer_ids())
 
-    async def discover_peers(self) -> list[ID]:
-        """Self-lookup: peers close to us, learnt from the peers we know."""
-        peers = await self.kad.peer_routing.find_closest_peers_network(self.local_id.to_bytes())
-        seen = dict.fromkeys(list(peers) + self.routing_peers())
+    async def discover_peers(self, walk_timeout: float = 3.0) -> list[ID]:
+        """Self-lookup: peers close to us, learnt from the peers we know.
+
+        The walk is bounded: it dials every peer it hears of, and a peer behind NAT
+        (reachable only through a relay) makes it wait out connect retries. Peers the
+        walk heard of before its time ran out are still returned (they are in the
+        peerstore with the addresses we were told), so the caller can reach them, by
+        relay if need be, instead of losing the whole round."""
+        peers: list[ID] = []
+        with trio.move_on_after(walk_timeout):
+            peers = list(
+                await self.kad.peer_routing.find_closest_peers_network(self.local_id.to_bytes())
+            )
+        heard = list(self.host.get_peerstore().peers_with_addrs())
+        seen = dict.fromkeys(peers + self.routing_peers() + heard)
         return [p for p in seen if p != self.local_id]
 
     async def _store_targets(self, target: bytes) -> list[ID]:
