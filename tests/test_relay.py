@@ -14,9 +14,6 @@ however the test ends.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,14 +24,14 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.lab import nat  # noqa: E402
-from conftest import clone_data_dir  # noqa: E402
-from peers.identity import load_or_create_identity  # noqa: E402
-from peers.trust import TrustStore  # noqa: E402
+from conftest import clone_data_dir
+
+from bench.lab import nat
+from bench.lab.nat import NsNode
+from peers.identity import load_or_create_identity
+from peers.trust import TrustStore
 
 MODEL = "gemma3-270m"
-API_PORT = 11435
-P2P_PORT = 4001
 
 
 def _why_not() -> str | None:
@@ -52,81 +49,6 @@ WHY = _why_not()
 if WHY:
     print(f"test_relay: skipped: {WHY}", file=sys.stderr)
 needs_nat = pytest.mark.skipif(WHY is not None, reason=f"NAT lab: {WHY}")
-
-
-class NsNode:
-    """A real `qvacd start` inside a namespace; its API reached over a Unix socket."""
-
-    def __init__(self, lab: nat.NatLab, role: str, ip: str, data_dir: Path) -> None:
-        self.lab, self.role, self.ip, self.data_dir = lab, role, ip, data_dir
-        self.peer_id = load_or_create_identity(data_dir).peer_id_str
-        self.sock = str(data_dir.parent / f"{role}.sock")
-        self.log_path = data_dir.parent / f"{role}.log"
-        self.proc: subprocess.Popen | None = None
-        self.fwd: subprocess.Popen | None = None
-        self.client = httpx.Client(transport=httpx.HTTPTransport(uds=self.sock),
-                                   base_url="http://qvac", timeout=60)
-
-    @property
-    def addr(self) -> str:
-        return f"/ip4/{self.ip}/tcp/{P2P_PORT}/p2p/{self.peer_id}"
-
-    def start(self, *args: str) -> NsNode:
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [*self.lab.exec_prefix(self.role), sys.executable, "-m", "qvacd.cli", "start",
-             "--data-dir", str(self.data_dir), "--no-mdns", "--api", f"127.0.0.1:{API_PORT}",
-             "--listen", f"/ip4/{self.ip}/tcp/{P2P_PORT}", *args],
-            stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
-        if self.fwd is None:
-            self.fwd = subprocess.Popen(
-                [*self.lab.exec_prefix(self.role), sys.executable, "-m", "bench.lab.forward",
-                 self.sock, str(API_PORT)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO, start_new_session=True)
-            assert self.fwd.stdout is not None
-            assert self.fwd.stdout.readline().strip() == b"ready"
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.role} exited:\n{self.log()}")
-            try:
-                if self.client.get("/qvac/status", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"{self.role} not ready:\n{self.log()}")
-
-    def status(self) -> dict:
-        return self.client.get("/qvac/status").json()
-
-    def peers(self) -> list[dict]:
-        return self.client.get("/qvac/peers").json()["peers"]
-
-    def peer(self, peer_id: str) -> dict | None:
-        return next((p for p in self.peers() if p["peer_id"] == peer_id), None)
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-5000:]
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-
-    def close(self) -> None:
-        self.stop()
-        if self.fwd is not None and self.fwd.poll() is None:
-            os.killpg(self.fwd.pid, signal.SIGKILL)
-            self.fwd.wait()
-        self.client.close()
 
 
 def wait_for(what: str, fn, timeout: float, nodes: list[NsNode]):

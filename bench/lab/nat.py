@@ -25,7 +25,11 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import httpx
+
+_REPO = Path(__file__).resolve().parent.parent.parent
 PREFIX = "qnat"
 RELAY_IP = "198.51.100.2"
 NAT_WAN = {"nat1": "198.51.100.11", "nat2": "198.51.100.12"}
@@ -201,6 +205,88 @@ class NatLab:
 
     def __exit__(self, *exc: object) -> None:
         self.down()
+
+
+API_PORT = 11435
+P2P_PORT = 4001
+
+
+class NsNode:
+    """A real `qvacd start` inside a namespace; its API reached over a Unix socket."""
+
+    def __init__(self, lab: NatLab, role: str, ip: str, data_dir: Path) -> None:
+        from peers.identity import load_or_create_identity
+
+        self.lab, self.role, self.ip, self.data_dir = lab, role, ip, data_dir
+        self.peer_id = load_or_create_identity(data_dir).peer_id_str
+        self.sock = str(data_dir.parent / f"{role}.sock")
+        self.log_path = data_dir.parent / f"{role}.log"
+        self.proc: subprocess.Popen | None = None
+        self.fwd: subprocess.Popen | None = None
+        self.client = httpx.Client(transport=httpx.HTTPTransport(uds=self.sock),
+                                   base_url="http://qvac", timeout=60)
+
+    @property
+    def addr(self) -> str:
+        return f"/ip4/{self.ip}/tcp/{P2P_PORT}/p2p/{self.peer_id}"
+
+    def start(self, *args: str) -> NsNode:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [*self.lab.exec_prefix(self.role), sys.executable, "-m", "qvacd.cli", "start",
+             "--data-dir", str(self.data_dir), "--no-mdns", "--api", f"127.0.0.1:{API_PORT}",
+             "--listen", f"/ip4/{self.ip}/tcp/{P2P_PORT}", *args],
+            stdout=log, stderr=subprocess.STDOUT, cwd=_REPO, start_new_session=True)
+        if self.fwd is None:
+            self.fwd = subprocess.Popen(
+                [*self.lab.exec_prefix(self.role), sys.executable, "-m", "bench.lab.forward",
+                 self.sock, str(API_PORT)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=_REPO, start_new_session=True)
+            assert self.fwd.stdout is not None
+            assert self.fwd.stdout.readline().strip() == b"ready"
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.role} exited:\n{self.log()}")
+            try:
+                if self.client.get("/qvac/status", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"{self.role} not ready:\n{self.log()}")
+
+    def status(self) -> dict:
+        return self.client.get("/qvac/status").json()
+
+    def peers(self) -> list[dict]:
+        return self.client.get("/qvac/peers").json()["peers"]
+
+    def peer(self, peer_id: str) -> dict | None:
+        return next((p for p in self.peers() if p["peer_id"] == peer_id), None)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-5000:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+    def close(self) -> None:
+        self.stop()
+        if self.fwd is not None and self.fwd.poll() is None:
+            os.killpg(self.fwd.pid, signal.SIGKILL)
+            self.fwd.wait()
+        self.client.close()
+
 
 
 def tcp_probe(lab: NatLab, src: str, dst_ip: str, port: int = 9) -> bool:
