@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 log = logging.getLogger("qvacd.peers.guard")
 
@@ -74,6 +75,7 @@ class PeerGuard:
         self._ips: dict[str, _Score] = {}
         self.bans_total = 0
         self.refused_total = 0
+        self._ip_ban = _Signal()
 
     # -- scoring ----------------------------------------------------------------------
 
@@ -95,6 +97,7 @@ class PeerGuard:
                 banned = True
                 log.warning("refusing connections from %s for %.0f s after repeated %s"
                             " offences", ip, self._ips[ip].banned_until - now, kind)
+                self._ip_ban.fire()
         return banned
 
     def _add(self, table: dict[str, _Score], key: str, weight: float, now: float) -> bool:
@@ -153,6 +156,16 @@ class PeerGuard:
             return False
         return True
 
+    def banned_ips(self) -> list[str]:
+        """IPs under a ban now (trusted peers' IPs excepted)."""
+        now = self.clock()
+        safe = self.trusted_ips()
+        return [k for k, s in self._ips.items() if s.banned_until > now and k not in safe]
+
+    def ip_banned_event(self) -> Any:
+        """A trio.Event set at the next IP ban (a new one after each)."""
+        return self._ip_ban.event()
+
     def banned(self) -> dict[str, list[dict[str, float | str]]]:
         """Current bans, for status and tests."""
         now = self.clock()
@@ -162,3 +175,21 @@ class PeerGuard:
             "ips": [{"ip": k, "remaining_s": round(s.banned_until - now, 1)}
                     for k, s in self._ips.items() if s.banned_until > now],
         }
+
+
+class _Signal:
+    """A re-armable trio.Event, created lazily (the guard is built outside trio)."""
+
+    def __init__(self) -> None:
+        self._event: Any = None
+
+    def event(self) -> Any:
+        import trio
+
+        if self._event is None or self._event.is_set():
+            self._event = trio.Event()
+        return self._event
+
+    def fire(self) -> None:
+        if self._event is not None:
+            self._event.set()

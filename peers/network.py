@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import socket
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -51,6 +52,7 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from peers._swarm_fix import set_inbound_policy
 from peers.dht import PROVIDE_BATCH, PROVIDE_WINDOW_S, CapacityDHT
+from peers import sockfilter
 from peers.guard import GuardConfig, PeerGuard
 from peers.host import DEFAULT_LISTEN, Host, make_host
 from peers.mdns import SERVICE_TYPE, MdnsService
@@ -354,6 +356,7 @@ class PeerNetwork:
                 nursery.start_soon(self.reachability.run)
                 nursery.start_soon(self._fetch_worker)
                 nursery.start_soon(self._refresh_loop)
+                nursery.start_soon(self._kernel_filter_loop)
                 nursery.start_soon(self._publisher)
                 nursery.start_soon(self._discovery_loop)
                 if self._bootstrap:
@@ -917,6 +920,34 @@ class PeerNetwork:
                 if addr:
                     ips.add(addr[0])
         return ips
+
+    async def _kernel_filter_loop(self) -> None:
+        """Keep the listening sockets' kernel filter equal to the banned IPs (see
+        peers.sockfilter): new bans go in at once, expired ones leave within 2 s."""
+        if not sockfilter.supported():
+            return
+        installed: frozenset[str] = frozenset()
+        while True:
+            with trio.move_on_after(2.0):
+                await self.guard.ip_banned_event().wait()
+            want = frozenset(self.guard.banned_ips())
+            if want == installed:
+                continue
+            socks = []
+            for listener in list(self.host.libp2p.get_network().listeners.values()):
+                for sl in getattr(listener, "listeners", ()):
+                    sock = getattr(sl, "socket", None)
+                    if sock is not None and sock.family == socket.AF_INET:
+                        socks.append(sock)
+            try:
+                for sock in socks:
+                    sockfilter.attach(sock, want)
+                installed = want
+                self.counters["kernel_filter_updates"] += 1
+                log.info("kernel drops TCP from %d banned addresses", len(want))
+            except OSError as exc:  # not permitted here: the userland refusal still works
+                log.warning("cannot install the kernel filter for banned addresses: %s", exc)
+                return
 
     def _on_ban(self, peer: str) -> None:
         self.counters["peers_banned"] += 1

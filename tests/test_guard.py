@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import socket
+
+import pytest
+
+from peers import sockfilter
 from peers.guard import GuardConfig, PeerGuard
 
 
@@ -74,3 +79,33 @@ def test_memory_stays_bounded_under_many_identities():
         g.offence("busy", peer=f"p{i}", ip=f"10.{i // 65536}.{i // 256 % 256}.{i % 256}")
         clock.t += 0.001
     assert len(g._peers) <= 64 and len(g._ips) <= 64
+
+
+@pytest.mark.skipif(not sockfilter.supported(), reason="socket filters are Linux only")
+def test_kernel_filter_drops_banned_sources_before_accept():
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    port = srv.getsockname()[1]
+
+    def connects_from(src: str) -> bool:
+        c = socket.socket()
+        c.bind((src, 0))
+        c.settimeout(0.5)
+        try:
+            c.connect(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+        finally:
+            c.close()
+
+    try:
+        assert connects_from("127.0.0.2")
+        sockfilter.attach(srv, ["127.0.0.2", "10.9.9.9"])
+        assert not connects_from("127.0.0.2")  # the SYN was dropped: connect timed out
+        assert connects_from("127.0.0.1") and connects_from("127.0.0.3")
+        sockfilter.attach(srv, [])  # ban lifted
+        assert connects_from("127.0.0.2")
+    finally:
+        srv.close()

@@ -200,7 +200,9 @@ async def test_flooding_peer_is_refused_then_banned_while_another_is_served() ->
                     await flooder.libp2p.connect(
                         info_from_p2p_addr(multiaddr.Multiaddr(a.listen_addrs()[0])))
                     await raw_exchange(flooder, a.peer_id, encode_frame(CapacityRequest()))
-            assert a.guard.refused_total >= 1
+            # Refused in the kernel (the SYN dropped) where a socket filter can be set,
+            # else in Python at accept.
+            assert a.counters["kernel_filter_updates"] >= 1 or a.guard.refused_total >= 1
             assert (await c.fetch_capacity(a.peer_id_str)).peer_id == a.peer_id_str
 
 
