@@ -43,6 +43,10 @@ FRESH_S = 8.0  # a record of a peer we are not connected to: re-fetch when older
 CONNECTED_FRESH_S = 30.0  # connected peers push every change, so their record holds
 ACCEPT_TIMEOUT_S = 30.0  # peer must accept (or refuse) within this (it may be loading)
 STALL_TIMEOUT_S = 5.0  # silence between frames after acceptance counts as a failure
+# ... or, on a peer that has been slow on this stream (a saturated CPU, a phone), silence
+# for this many times its slowest gap so far: slow is not dead (the lab saw 2-4 s gaps).
+STALL_GAP_FACTOR = 4.0
+STALL_TIMEOUT_MAX_S = 30.0
 DEFAULT_DEADLINE_MS = 10 * 60 * 1000
 
 
@@ -317,8 +321,11 @@ class RemoteInference:
                       emitted: list[str]) -> Done:
         """Forward Token frames until Done. PeerFailed on anything else."""
         peer, io, state = attempt.peer, attempt.io, attempt.state
+        slowest, last = 0.0, time.monotonic()
         while True:
-            with trio.move_on_after(self.stall_timeout) as waited:
+            limit = min(max(self.stall_timeout, STALL_GAP_FACTOR * slowest),
+                        max(self.stall_timeout, STALL_TIMEOUT_MAX_S))
+            with trio.move_on_after(limit) as waited:
                 try:
                     msg = await io.recv()
                 except StreamGone as e:
@@ -326,7 +333,9 @@ class RemoteInference:
                 except ProtocolError as e:
                     raise PeerFailed(peer, f"sent garbage: {e}", misbehaved=True) from e
             if waited.cancelled_caught:
-                raise PeerFailed(peer, f"stalled for {self.stall_timeout:.0f}s", misbehaved=True)
+                raise PeerFailed(peer, f"stalled for {limit:.0f}s", misbehaved=True)
+            now = time.monotonic()
+            slowest, last = max(slowest, now - last), now
             if msg is None:
                 raise PeerFailed(peer, "closed the stream mid-answer")
             try:
