@@ -56,7 +56,7 @@ from peers import sockfilter
 from peers.guard import GuardConfig, PeerGuard
 from peers.host import DEFAULT_LISTEN, Host, make_host
 from peers.mdns import SERVICE_TYPE, MdnsService
-from peers.reachability import Reachability
+from peers.reachability import Reachability, is_relayed
 from peers.relay import RelayOptions, RelayService, is_circuit
 from peers.records import (
     MAX_ADDRS,
@@ -900,11 +900,14 @@ class PeerNetwork:
         """Score one offence by `peer` (and its IP) on `stream`; True if it is now banned.
         Services call it for refused, malformed or unauthorized requests."""
         ip = None
-        try:
-            addr = stream.get_remote_address()
-            ip = addr[0] if addr else None
-        except Exception:
-            pass
+        # why not on a relayed stream: its remote address is the relay's, and banning it
+        # would cut every peer behind that relay
+        if not is_relayed(stream):
+            try:
+                addr = stream.get_remote_address()
+                ip = addr[0] if addr else None
+            except Exception:
+                pass
         return self.guard.offence(kind, peer=peer, ip=ip)
 
     def _trusted_ips(self) -> set[str]:

@@ -53,7 +53,8 @@ async def _read_exactly(stream: INetStream, n: int) -> bytes:
     return buf
 
 
-def _is_relayed(stream: INetStream) -> bool:
+def is_relayed(stream: INetStream) -> bool:
+    """Whether `stream` runs over a circuit relay connection."""
     try:
         conn = stream.muxed_conn
         if conn.get_connection_type() == ConnectionType.RELAYED:  # type: ignore[attr-defined]
@@ -123,7 +124,7 @@ class Reachability:
         key = peer.to_base58()
         last = self._last_request.get(key)
         remote = stream.get_remote_address()
-        if _is_relayed(stream) or remote is None or (
+        if is_relayed(stream) or remote is None or (
             last is not None and now - last < self.min_interval_s
         ):
             self.counters["dialbacks_refused"] += 1
