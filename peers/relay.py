@@ -14,7 +14,9 @@ they are wrong or unbounded there (all checked against its source):
 - `CircuitV2Transport.dial` discards the relay's per-circuit limit (bytes, duration)
   from the CONNECT answer and, with the client role, makes a reservation on every dial;
   ours dials with one CONNECT, keeps the limit per peer (a pull checks it before it
-  starts) and never reserves by surprise.
+  starts) and never reserves by surprise. Both ends of a circuit (the dialler from the
+  CONNECT answer, the destination from the STOP message) record its limits and count the
+  bytes it carried, as the relay counts them, so `circuit(peer)` says what is left.
 - Reservations are made and renewed here (the library's refresher is not used): renewed
   at half their lifetime or at once when the relay connection drops; a refusal or a
   failure backs off and is logged and shown in status.
@@ -40,7 +42,7 @@ from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
-from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
+from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage, StopMessage
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import PeerId as CircuitPeerId
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL
 from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
@@ -54,6 +56,7 @@ log = logging.getLogger("qvacd.peers.relay")
 CIRCUIT = "p2p-circuit"
 _MAX_CIRCUIT_ADDRS = 4  # advertised /p2p-circuit addresses
 _MAX_LIMITS = 1024  # remembered per-peer circuit limits
+_MAX_CIRCUITS_PER_PEER = 4  # remembered circuits to one peer (newest kept)
 
 
 def _status(resp: HopMessage) -> StatusCode:
@@ -94,6 +97,73 @@ class RelayOptions:
 
 def is_circuit(addr: str | multiaddr.Multiaddr) -> bool:
     return f"/{CIRCUIT}" in str(addr)
+
+
+@dataclasses.dataclass
+class Circuit:
+    """One relayed connection to a peer, with the relay's limits on it. `used` counts the
+    bytes it carried both ways, as the relay counts them (the relay reads each side's hop
+    or stop stream and charges every byte it forwards to one budget per circuit)."""
+
+    peer: str
+    relay: str
+    limit_bytes: int  # 0: unlimited
+    limit_duration_s: int  # 0: unlimited
+    opened: float = dataclasses.field(default_factory=time.monotonic)
+    used: int = 0
+    closed: bool = False
+
+    def bytes_left(self) -> int | None:
+        """Bytes this circuit may still carry; None when unlimited."""
+        return None if self.limit_bytes <= 0 else max(0, self.limit_bytes - self.used)
+
+    def seconds_left(self) -> float | None:
+        """Seconds before the relay cuts this circuit; None when unlimited."""
+        if self.limit_duration_s <= 0:
+            return None
+        return max(0.0, self.opened + self.limit_duration_s - time.monotonic())
+
+
+def _limit_of(msg: Any) -> tuple[int, int]:
+    """(bytes, seconds) from a HOP/STOP message's limit; (0, 0) without one (unlimited)."""
+    if not msg.HasField("limit"):
+        return 0, 0
+    return int(msg.limit.data), int(msg.limit.duration)
+
+
+class _CountedConnection(RawConnection):
+    """A relayed raw connection that counts what it carries into its Circuit."""
+
+    def __init__(self, circuit: Circuit, stream: Any, initiator: bool, addr: multiaddr.Multiaddr
+                 ) -> None:
+        super().__init__(stream=stream, initiator=initiator,
+                         connection_type=ConnectionType.RELAYED, addresses=[addr])
+        self.circuit = circuit
+
+    async def write(self, data: bytes) -> None:
+        try:
+            await super().write(data)
+        except BaseException as e:
+            if not isinstance(e, trio.Cancelled):
+                self.circuit.closed = True
+            raise
+        self.circuit.used += len(data)
+
+    async def read(self, n: int | None = None) -> bytes:
+        try:
+            data = await super().read(n)
+        except BaseException as e:
+            if not isinstance(e, trio.Cancelled):
+                self.circuit.closed = True
+            raise
+        if not data:
+            self.circuit.closed = True
+        self.circuit.used += len(data)
+        return data
+
+    async def close(self) -> None:
+        self.circuit.closed = True
+        await super().close()
 
 
 def parse_relays(addrs: Iterable[str]) -> dict[str, list[multiaddr.Multiaddr]]:
@@ -143,10 +213,12 @@ class QvacRelayProtocol(CircuitV2Protocol):
         host: IHost,
         options: RelayOptions,
         accept_stop_from: Callable[[str], bool],
+        on_circuit: Callable[[Circuit], None] = lambda c: None,
     ) -> None:
         super().__init__(host, limits=options.limits(), allow_hop=options.service)
         self.allow = frozenset(options.allow)
         self._accept_stop_from = accept_stop_from
+        self._on_circuit = on_circuit
         self.counters: dict[str, int] = {
             "reservations_accepted": 0,
             "reservations_refused": 0,
@@ -198,6 +270,8 @@ class QvacRelayProtocol(CircuitV2Protocol):
     # -- stop (we are the destination of a circuit) ------------------------------------
 
     async def _handle_stop_stream(self, stream: INetStream) -> None:
+        # Replaces the library's handler: the same exchange, plus the relay check above
+        # and the circuit's limits kept from the STOP message (the library drops them).
         relay = stream.muxed_conn.peer_id.to_base58()
         if not self._accept_stop_from(relay):
             self.counters["stop_refused"] += 1
@@ -205,19 +279,36 @@ class QvacRelayProtocol(CircuitV2Protocol):
             await self._send_stop_status(stream, StatusCode.PERMISSION_DENIED, "no reservation")
             await self._close_stream(stream)
             return
-        await super()._handle_stop_stream(stream)
+        try:
+            with trio.fail_after(15):
+                msg = await read_delimited_msg(stream, StopMessage)
+        except (Exception, trio.TooSlowError):  # noqa: BLE001 - any failure: no circuit
+            await self._close_stream(stream)
+            return
+        if msg.type != StopMessage.CONNECT:
+            await self._send_stop_status(stream, StatusCode.MALFORMED_MESSAGE, "not a CONNECT")
+            await self._close_stream(stream)
+            return
+        await self._send_stop_status(stream, StatusCode.OK, "Connection established")
+        try:
+            await self._accept_circuit(stream, msg.peer.id, _limit_of(msg))
+        except ConnectionError as e:
+            log.info("relay: %s", e)
 
     async def handle_incoming_connection(self, stream: INetStream, remote_peer_id: bytes) -> None:
+        await self._accept_circuit(stream, remote_peer_id, (0, 0))
+
+    async def _accept_circuit(self, stream: INetStream, remote_peer_id: bytes,
+                              limit: tuple[int, int]) -> None:
         relay = stream.muxed_conn.peer_id.to_base58()
         try:
             peer_id = ID(remote_peer_id)
             ma = multiaddr.Multiaddr(f"/p2p/{relay}/{CIRCUIT}/p2p/{peer_id.to_base58()}")
-            raw_conn = RawConnection(
-                stream=stream, initiator=False, connection_type=ConnectionType.RELAYED,
-                addresses=[ma],
-            )
+            circuit = Circuit(peer_id.to_base58(), relay, *limit)
+            raw_conn = _CountedConnection(circuit, stream, False, ma)
             with trio.fail_after(15):
                 await self.host.upgrade_inbound_connection(raw_conn, ma)
+            self._on_circuit(circuit)
         except (Exception, trio.TooSlowError) as e:
             await self._close_stream(stream)
             raise ConnectionError(f"relayed connection via {relay} failed: {e}") from None
@@ -253,9 +344,9 @@ class RelayService:
         self._reservations = {r: _Reservation(r, a) for r, a in relays.items()}
         self._on_addrs_changed = on_addrs_changed
         self._ever_reserved: set[str] = set()
-        self.protocol = QvacRelayProtocol(host, options, self._may_stop)
+        self.protocol = QvacRelayProtocol(host, options, self._may_stop, self._add_circuit)
         self.dcutr = DCUtRProtocol(host, read_timeout=10, write_timeout=10, dial_timeout=3)
-        self._limits: dict[str, tuple[str, int, int]] = {}  # peer -> (relay, bytes, secs)
+        self._circuits: dict[str, list[Circuit]] = {}  # peer -> its relayed connections
         self._dialling: set[str] = set()
         self.counters: dict[str, int] = {"relayed_dials": 0, "relayed_dial_failures": 0}
 
@@ -308,6 +399,14 @@ class RelayService:
             await trio.sleep(backoff)
             backoff = min(backoff * 2, 120.0)
 
+    def _unblock(self, relay: ID) -> None:
+        """Forget the library's failed-dial cache entry for a relay: after one failed dial
+        it refuses to dial that peer for 60 s, so a relay that restarted would stay out
+        of reach for a minute; our own back-off (2 s doubling) paces the retries."""
+        unblock = getattr(self.host.get_network(), "unblock_peer", None)
+        if unblock is not None:
+            unblock(relay)
+
     def _connected(self, peer: str) -> bool:
         conns = self.host.get_network().connections.get(ID.from_base58(peer))
         return bool(conns)
@@ -323,6 +422,7 @@ class RelayService:
         stream = None
         try:
             with trio.fail_after(self.options.reserve_timeout_s):
+                self._unblock(pid)
                 await self.host.connect(PeerInfo(pid, res.addrs))
                 stream = await self.host.new_stream(pid, [HOP_PROTOCOL])
                 await write_delimited_msg(stream, HopMessage(type=HopMessage.RESERVE))
@@ -421,6 +521,7 @@ class RelayService:
         info = info_from_p2p_addr(multiaddr.Multiaddr(relay_part))
         relay = info.peer_id
         dest = ID.from_base58(peer)
+        self._unblock(relay)
         await self.host.connect(info)
         stream = await self.host.new_stream(relay, [HOP_PROTOCOL])
         ok = False
@@ -433,18 +534,11 @@ class RelayService:
             status = _status(resp)
             if status != StatusCode.OK:
                 raise ConnectionError(f"relay answered {status.name}")
-            if resp.HasField("limit"):
-                if len(self._limits) >= _MAX_LIMITS:
-                    self._limits.clear()
-                self._limits[peer] = (
-                    relay.to_base58(), int(resp.limit.data), int(resp.limit.duration)
-                )
+            circuit = Circuit(peer, relay.to_base58(), *_limit_of(resp))
             ma = multiaddr.Multiaddr(f"/p2p/{relay.to_base58()}/{CIRCUIT}/p2p/{peer}")
-            raw = RawConnection(
-                stream=stream, initiator=True, connection_type=ConnectionType.RELAYED,
-                addresses=[ma],
-            )
+            raw = _CountedConnection(circuit, stream, True, ma)
             await self.host.upgrade_outbound_connection(raw, dest)
+            self._add_circuit(circuit)
             ok = True
         finally:
             if not ok:
@@ -462,10 +556,42 @@ class RelayService:
         except Exception:
             return None, None
 
+    def _add_circuit(self, circuit: Circuit) -> None:
+        if circuit.peer not in self._circuits and len(self._circuits) >= _MAX_LIMITS:
+            for p in [p for p, cs in self._circuits.items() if all(c.closed for c in cs)]:
+                del self._circuits[p]
+            if len(self._circuits) >= _MAX_LIMITS:
+                self._circuits.pop(next(iter(self._circuits)))
+        kept = [c for c in self._circuits.get(circuit.peer, []) if not c.closed]
+        self._circuits[circuit.peer] = [*kept, circuit][-_MAX_CIRCUITS_PER_PEER:]
+        log.info(
+            "relay: circuit to %s via %s (limits: %s bytes, %s s)", circuit.peer, circuit.relay,
+            circuit.limit_bytes or "no limit", circuit.limit_duration_s or "no limit",
+        )
+
+    def circuit(self, peer: str) -> Circuit | None:
+        """The relayed connection that limits traffic to `peer`, when our only path to it
+        is relayed: of its open circuits, the one with the fewest bytes left (a stream may
+        go over any of them). None when the path is direct, or there is no connection, or
+        the relayed connection is not one we know the limits of (the spec's default: a
+        relay that names no limit imposes none)."""
+        path, _ = self.path(peer)
+        if path != "relayed":
+            return None
+        live = [c for c in self._circuits.get(peer, []) if not c.closed]
+        if not live:
+            return None
+
+        def left(c: Circuit) -> float:
+            b = c.bytes_left()
+            return float("inf") if b is None else b
+
+        return min(live, key=left)
+
     def circuit_limit(self, peer: str) -> tuple[str, int, int] | None:
         """(relay, bytes, seconds) limiting our relayed connection to `peer`, when relayed."""
-        path, _ = self.path(peer)
-        return self._limits.get(peer) if path == "relayed" else None
+        c = self.circuit(peer)
+        return (c.relay, c.limit_bytes, c.limit_duration_s) if c is not None else None
 
     def status(self) -> dict[str, Any]:
         now = time.time()

@@ -17,6 +17,10 @@ state file or a damaged partial can never slip a bad byte through. A provider th
 a bad chunk, a wrong manifest, a short chunk, garbage, or stalls is dropped for the pull
 and named; its chunk goes to another provider. Only a file whose whole sha256 matches is
 committed to the store, and the node then announces itself as a provider.
+
+Through a relay: a provider whose only path is a relayed connection is limited by the
+relay's per-circuit byte and duration limits (see `_RelayPlan` for the rule); a pull that
+no provider path can carry fails before it fetches anything, and says why and what to do.
 """
 
 from __future__ import annotations
@@ -604,6 +608,46 @@ class _ManifestFalse(Exception):
         self.reason = reason
 
 
+# Relayed paths. The relay charges every byte it forwards on one circuit (one relayed
+# connection, both directions, Noise and yamux framing included) to one budget, and cuts
+# the whole connection when the budget or the circuit's duration runs out; it does not
+# count circuits over time. So a pull *could* finish a large model by letting the relay
+# cut it and reconnecting again and again. We do not: the limit is what the relay's owner
+# agreed to carry per connection, and each cut kills every stream on that connection
+# (a delegated answer included) and the chunks in flight. The rule:
+#   - what a pull fetches from one provider over a relayed connection must fit in what
+#     that circuit has left when the pull plans (bytes left minus _RELAY_RESERVE for the
+#     other traffic on the connection, divided by 1 + _RELAY_OVERHEAD for framing), and a
+#     chunk is only started with time for it at the slowest rate we accept (min_rate)
+#     before the relay ends the circuit;
+#   - providers with a direct path, or a relay that sets no limit, are unlimited; several
+#     relayed providers each carry their own share over their own circuit;
+#   - a pull none of whose providers can carry it, alone or together, fails before it
+#     fetches a chunk, naming the model's size, the relay's limit and what to do;
+#   - a provider whose share is spent stops taking chunks (the others finish); a
+#     connection that went direct (hole punching) is unlimited from then on; one that
+#     broke and came back over a new circuit (never a cut of ours) is planned afresh.
+_RELAY_OVERHEAD = 0.02  # framing is ~0.1 % of a bulk transfer; the rest is headroom
+_RELAY_RESERVE = 1 << 20  # bytes left to capacity pushes, pings and delegation
+
+
+@dataclass
+class _RelayPlan:
+    """What one provider may carry for a pull over its relayed circuit."""
+
+    circuit: Any  # peers.relay.Circuit
+    allowance: int  # model bytes, whole chunks are charged against it
+    charged: int = 0  # bytes of chunks fetched or in flight over it
+
+    @staticmethod
+    def carries(circuit: Any) -> int | None:
+        """Model bytes `circuit` may still carry; None when the relay sets no byte limit."""
+        left = circuit.bytes_left()
+        if left is None:
+            return None
+        return max(0, int((left - _RELAY_RESERVE) / (1 + _RELAY_OVERHEAD)))
+
+
 class _Busy(Exception):
     def __init__(self, retry_after: float) -> None:
         super().__init__("busy")
@@ -680,6 +724,14 @@ class _Download:
                 fn(ev)
             except Exception:  # noqa: BLE001 - a broken subscriber must not stop the download
                 plog.exception("pull progress subscriber failed")
+
+
+def _human(n: int) -> str:
+    """Bytes for people, in decimal units: 268.1 MB."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
 
 
 def _parse_sha(text: str) -> str | None:
@@ -906,6 +958,10 @@ class Puller:
         """One attempt with one manifest and the providers that agree on it."""
         dl.sha256, dl.total = manifest.sha256, manifest.size
         partial = PartialFile(self.partial_dir, manifest)
+        # Before the partial file is made: a pull no path can carry fetches nothing.
+        claimed = await trio.to_thread.run_sync(partial._claimed)
+        needed = manifest.size - sum(manifest.chunk_length(i) for i in claimed)
+        plans = self._plan_relays(dl, manifest, providers, name, needed)
         try:
             verified = await trio.to_thread.run_sync(partial.open)
         except OSError as e:
@@ -930,7 +986,7 @@ class Puller:
                         nursery.start_soon(self._hash_in_order, partial, done)
                         nursery.start_soon(self._sync_every_second, partial)
                         await self._fetch_chunks(dl, manifest, partial, providers, missing,
-                                                 done)
+                                                 done, plans)
                         nursery.cancel_scope.cancel()
             finally:
                 with trio.CancelScope(shield=True), contextlib.suppress(OSError):
@@ -1228,13 +1284,15 @@ class Puller:
         plog.warning("pull of %s: dropped provider %s: %s", dl.name or dl.target, peer, reason)
 
     async def _fetch_chunks(self, dl: _Download, manifest: Manifest, partial: PartialFile,
-                            providers: list[str], missing: list[int], done: set[int]) -> None:
+                            providers: list[str], missing: list[int], done: set[int],
+                            plans: dict[str, _RelayPlan] | None = None) -> None:
         opts = self.options
         pending = collections.deque(missing)
         left = set(missing)
         changed = [trio.Event()]
         inflight = trio.Semaphore(opts.max_inflight)
         scopes: dict[str, trio.CancelScope] = {}
+        plans = {} if plans is None else plans
 
         def notify() -> None:
             changed[0].set()
@@ -1255,6 +1313,14 @@ class Puller:
                     continue
                 index = pending.popleft()
                 finished = False
+                plan, why = self._charge(plans, peer, manifest.chunk_length(index))
+                if why is not None:
+                    # Not a fault: this provider's relayed circuit cannot take another
+                    # chunk. Its chunks in flight finish; the others take the rest.
+                    pending.appendleft(index)
+                    self._drop(dl, peer, why, "relay_limit")
+                    notify()
+                    return
                 try:
                     async with inflight:
                         pieces = await self._fetch_chunk(peer, manifest, index)
@@ -1279,6 +1345,8 @@ class Puller:
                     strikes[0] = 0
                 except _Busy as b:
                     self.metrics.pull_chunks.labels("busy").inc()
+                    if plan is not None:
+                        plan.charged -= manifest.chunk_length(index)  # nothing was sent
                     now = time.monotonic()
                     busy_since[0] = busy_since[0] or now
                     if now - busy_since[0] > opts.max_busy_s:
@@ -1328,11 +1396,131 @@ class Puller:
                             f" {manifest.n_chunks} chunks missing ({detail}); pull again to"
                             " resume from what was verified")
 
+    def _chunk_deadline(self, length: int) -> float:
+        """The longest one chunk may take before its provider counts as stalled."""
+        opts = self.options
+        return opts.stall_timeout_s + opts.open_timeout_s + length / opts.min_rate
+
+    # -- relayed paths (the rule is above _RelayPlan) -----------------------------------
+
+    def _circuit(self, peer: str) -> Any:
+        """The relayed circuit our only path to `peer` goes over, or None (direct, none
+        yet, or a relay that set no limits we know of)."""
+        relay = getattr(self.network, "relay", None)
+        if relay is None:
+            return None
+        try:
+            return relay.circuit(peer)
+        except Exception:  # noqa: BLE001 - a view; a failure must not stop a pull
+            plog.debug("relay circuit of %s unknown", peer, exc_info=True)
+            return None
+
+    def _plan_relays(self, dl: _Download, manifest: Manifest, providers: list[str],
+                     name: str, needed: int) -> dict[str, _RelayPlan]:
+        """Each relayed provider's share; PullError(413) when no path can carry `needed`
+        bytes. Providers that cannot carry one chunk are dropped for this pull."""
+        plans: dict[str, _RelayPlan] = {}
+        if needed <= 0:
+            return plans
+        chunk = manifest.chunk_size
+        unusable: dict[str, str] = {}
+        unlimited = False
+        capacity = 0  # bytes, in whole chunks, the relayed providers can carry together
+        for peer in providers:
+            if peer in dl.dropped:
+                continue
+            c = self._circuit(peer)
+            if c is None:
+                unlimited = True
+                continue
+            plan = _RelayPlan(c, _RelayPlan.carries(c))
+            secs = c.seconds_left()
+            if secs is not None and secs < self._chunk_deadline(chunk):
+                unusable[peer] = (f"its relayed connection through {c.relay} ends in"
+                                  f" {secs:.0f} s (the relay limits a connection to"
+                                  f" {c.limit_duration_s} s)")
+            elif plan.allowance is not None and plan.allowance < min(chunk, needed):
+                unusable[peer] = (f"its relayed connection through {c.relay} has"
+                                  f" {_human(c.bytes_left() or 0)} left of the relay's"
+                                  f" {_human(c.limit_bytes)} limit per connection")
+            else:
+                plans[peer] = plan
+                if plan.allowance is None:
+                    unlimited = True
+                else:  # whole chunks: a share is never cut inside one
+                    capacity += (plan.allowance if plan.allowance >= needed
+                                 else plan.allowance // chunk * chunk)
+        if not unlimited and capacity < needed:
+            raise PullError(413, self._too_big(manifest, name, needed, providers, plans))
+        for peer, why in unusable.items():
+            self._drop(dl, peer, why, "relay_limit")
+        for peer, plan in plans.items():
+            c = plan.circuit
+            plog.info("pull of %s: %s only through relay %s: may carry %s of %s (limit %s"
+                      " per connection, %s used; %s)", name, peer, c.relay,
+                      "all" if plan.allowance is None else _human(plan.allowance),
+                      _human(needed), _human(c.limit_bytes) if c.limit_bytes else "none",
+                      _human(c.used), "no time limit" if c.seconds_left() is None
+                      else f"{c.seconds_left():.0f} s left")
+        return plans
+
+    def _too_big(self, manifest: Manifest, name: str, needed: int, providers: list[str],
+                 plans: dict[str, _RelayPlan]) -> str:
+        """The one-line refusal of a pull that no provider's path can carry."""
+        circuits = [c for c in (self._circuit(p) for p in providers) if c is not None]
+        best = max(circuits, key=lambda c: (c.bytes_left() or 0, c.seconds_left() or 0))
+        relays = sorted({c.relay for c in circuits})
+        still = "" if needed == manifest.size else f", {_human(needed)} of it still to fetch"
+        what = (f"cannot pull {name}: the model is {_human(manifest.size)}"
+                f" ({manifest.size} bytes{still}) and its {len(providers)} provider(s) can"
+                f" be reached only through relay {', '.join(relays)}")
+        if best.limit_bytes:
+            what += (f", which carries at most {_human(best.limit_bytes)}"
+                     f" ({best.limit_bytes} bytes) per connection")
+            if (best.bytes_left() or 0) < best.limit_bytes:
+                what += f" ({_human(best.bytes_left() or 0)} left on the one in use)"
+        secs = best.seconds_left()
+        if not plans and secs is not None and secs < self._chunk_deadline(manifest.chunk_size):
+            what += (f"; it ends a connection after {best.limit_duration_s} s and the one in"
+                     f" use has {secs:.0f} s left")
+            todo = ("ask the relay's owner to raise --relay-circuit-duration, or pull again"
+                    " once the connection is renewed")
+        else:
+            want = best.used + int(needed * (1 + _RELAY_OVERHEAD)) + _RELAY_RESERVE
+            todo = ("ask the relay's owner to raise --relay-circuit-bytes to at least"
+                    f" {-(-want // (1 << 20))}MiB")
+        return (f"{what}; nothing was fetched: {todo}, or pull once a direct connection"
+                " works (hole punching, i.e. without --no-hole-punch, or a reachable"
+                " address), or pull from another peer with --from PEERID")
+
+    def _charge(self, plans: dict[str, _RelayPlan], peer: str, length: int
+                ) -> tuple[_RelayPlan | None, str | None]:
+        """Charge one chunk of `length` bytes to `peer`'s relayed circuit, if it is
+        relayed: (the plan charged or None, None) or (None, why it cannot take it)."""
+        c = self._circuit(peer)
+        if c is None:
+            return None, None  # direct (now), or a relay without limits
+        plan = plans.get(peer)
+        if plan is None or plan.circuit is not c:
+            # a path that was direct at the start, or a connection that broke and came
+            # back over a new circuit: plan that circuit afresh
+            plan = plans[peer] = _RelayPlan(c, _RelayPlan.carries(c))
+        secs = c.seconds_left()
+        if secs is not None and secs < self._chunk_deadline(length):
+            return None, (f"its relayed connection through {c.relay} ends in {secs:.0f} s"
+                          f" (the relay limits a connection to {c.limit_duration_s} s),"
+                          " too soon for another chunk; pull again to go on over a new one")
+        if plan.allowance is not None and plan.charged + length > plan.allowance:
+            return None, (f"its share ({_human(plan.allowance)}) of what relay {c.relay}"
+                          f" carries per connection ({_human(c.limit_bytes)}) is fetched")
+        plan.charged += length
+        return plan, None
+
     async def _fetch_chunk(self, peer: str, manifest: Manifest, index: int) -> list[bytes]:
         opts = self.options
         length = manifest.chunk_length(index)
         request = ChunkRequest(sha256=manifest.sha256, index=index)
-        deadline = opts.stall_timeout_s + opts.open_timeout_s + length / opts.min_rate
+        deadline = self._chunk_deadline(length)
         state = ChunkClientState(request)
         decoder = FrameDecoder(SHARD_LIMITS)
         pieces: list[bytes] = []
