@@ -219,6 +219,10 @@ class QvacRelayProtocol(CircuitV2Protocol):
         self.allow = frozenset(options.allow)
         self._accept_stop_from = accept_stop_from
         self._on_circuit = on_circuit
+        if options.circuit_bytes <= 0:
+            # why: with no byte limit the library skips the circuit budget but falls back
+            # to a per-reservation one of limit 0, and cuts a circuit at its first byte
+            self.resource_manager.track_data_transfer = lambda peer_id, n: True  # type: ignore[method-assign]
         self.counters: dict[str, int] = {
             "reservations_accepted": 0,
             "reservations_refused": 0,

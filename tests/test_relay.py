@@ -301,7 +301,7 @@ def test_relay_share_rule_without_namespaces(tmp_path: Path) -> None:
 
     class Net:
         relay = Relay()
-        table: list = []
+        table = ()
 
     puller = Puller(ModelStore(tmp_path), Net(), trust=None)
 
