@@ -60,6 +60,7 @@ PUT_TIMEOUT_S = 5.0
 LOOKUP_QUORUM = 3  # close peers that must answer a lookup
 REPLICAS = 8  # close peers a record or provider announcement is stored at
 WALK_TIMEOUT_S = 5.0
+WALK_REUSE_S = 300.0  # a put reuses the last walk toward its key while the mesh is stable
 QUERY_TIMEOUT_S = 3.0
 # The library's ADD_PROVIDER rate limit is 10 per 10 s per sender; stay under it.
 PROVIDE_BATCH = 8
@@ -114,6 +115,8 @@ class CapacityDHT:
         self.kad = KadDHT(host, DHTMode.SERVER, strict_validation=True)
         self.kad.register_validator(CAPACITY_NAMESPACE, _CountingValidator(on_reject))
         self.local_id: ID = host.get_id()
+        # key -> (when, routing table size then, closest peers a walk found)
+        self._walks: dict[bytes, tuple[float, int, list[ID]]] = {}
 
     async def add_peer(self, peer_id: ID) -> None:
         try:
@@ -153,9 +156,22 @@ class CapacityDHT:
         left half the lookups empty-handed.
         """
         local = self.kad.routing_table.find_local_closest_peers(target, REPLICAS)
-        walked: list[ID] = []
-        with trio.move_on_after(WALK_TIMEOUT_S):
-            walked = list(await self.kad.peer_routing.find_closest_peers_network(target))
+        # why the cache: a walk is ~20 FIND_NODE streams, and the record is republished
+        # every 30 s; the walk's answer only changes when the mesh does, so it is reused
+        # while our routing table keeps its size, for up to WALK_REUSE_S.
+        now = time.monotonic()
+        size = self.kad.routing_table.size()
+        cached = self._walks.get(target)
+        if cached is not None and cached[1] == size and now - cached[0] < WALK_REUSE_S:
+            walked = cached[2]
+        else:
+            walked = []
+            with trio.move_on_after(WALK_TIMEOUT_S):
+                walked = list(await self.kad.peer_routing.find_closest_peers_network(target))
+            if walked:
+                if len(self._walks) >= 64:
+                    self._walks.clear()
+                self._walks[target] = (now, size, walked)
         targets = list(dict.fromkeys(list(local) + walked[:REPLICAS]))
         return [p for p in targets if p != self.local_id]
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 
@@ -31,6 +32,13 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from ._swarm_fix import apply_inbound_slot_fix
 
 log = logging.getLogger("qvacd.peers.host")
+
+# why: py-libp2p's yamux sends a WINDOW_UPDATE frame after every read by default (one
+# Noise-encrypted write per message received); go-yamux batches them until half the
+# window is consumed. Batching is what the protocol intends and took ~10% off an idle
+# mesh node's CPU and a puller's. The library reads it at call time; a user's own
+# setting wins.
+os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
 
 DEFAULT_LISTEN = ("/ip4/0.0.0.0/tcp/4001",)
 

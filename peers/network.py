@@ -126,7 +126,9 @@ class NetworkLimits:
     lookup_timeout_s: float = 5.0
     max_auto_connect: int = 64  # connect to discovered peers until this many are up
     max_parallel_fetches: int = 32
-    discovery_max_interval_s: float = 30.0
+    # why 5 min: new nodes walk toward themselves on joining and so connect to us; our own
+    # walk only heals (go-libp2p refreshes every 10 min); each costs ~20 streams
+    discovery_max_interval_s: float = 300.0
     min_discovery_interval_s: float = 2.0
     fresh_max_age_s: float = 30.0  # "fresh" in the table snapshot / provider filtering
 
