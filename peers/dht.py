@@ -5,6 +5,7 @@ Keys:
                             stored at the peers closest to sha256-multihash(key)
     1220<sha256 of file>    provider records (the file's sha2-256 multihash): "who can
                             serve these bytes"
+    1220<sha256 of "/qvac/relay/1">  provider records of nodes that run a relay service
 
 The DHT is a hint, and it is stale in known ways (see /shared/py-libp2p-0.8.1.md):
 - KadDHT.get_value answers from the local store first if it has *any* copy, and values
@@ -77,6 +78,11 @@ class _DropNormalStreamEnd(logging.Filter):
 
 
 logging.getLogger("libp2p.kad_dht.kad_dht").addFilter(_DropNormalStreamEnd())
+
+
+# Relays announce themselves as providers of this well-known key (its sha256 stands in
+# for a model's): nodes behind NAT look relays up with find_providers(RELAY_KEY_SHA256).
+RELAY_KEY_SHA256 = hashlib.sha256(b"/qvac/relay/1").hexdigest()
 
 
 def model_key(sha256: str) -> str:

@@ -51,12 +51,12 @@ from libp2p.rcmgr import Direction
 from libp2p.tools.anyio_service import background_trio_service
 
 from peers._swarm_fix import set_inbound_policy
-from peers.dht import PROVIDE_BATCH, PROVIDE_WINDOW_S, CapacityDHT
+from peers.dht import PROVIDE_BATCH, PROVIDE_WINDOW_S, RELAY_KEY_SHA256, CapacityDHT
 from peers import sockfilter
 from peers.guard import GuardConfig, PeerGuard
 from peers.host import DEFAULT_LISTEN, Host, make_host
 from peers.mdns import SERVICE_TYPE, MdnsService
-from peers.reachability import Reachability, is_relayed
+from peers.reachability import PRIVATE, Reachability, is_relayed
 from peers.relay import RelayOptions, RelayService, is_circuit
 from peers.records import (
     MAX_ADDRS,
@@ -301,7 +301,9 @@ class PeerNetwork:
         )
         # Beyond the LAN (peers/relay.py, peers/reachability.py)
         self.relay = RelayService(
-            self.host.libp2p, relay or RelayOptions(), on_addrs_changed=self.capacity_changed
+            self.host.libp2p, relay or RelayOptions(), on_addrs_changed=self.capacity_changed,
+            find_relays=self._find_dht_relays,
+            needs_relay=lambda: self.reachability.state == PRIVATE,
         )
         self.reachability = Reachability(
             self.host.libp2p,
@@ -625,6 +627,9 @@ class PeerNetwork:
             now = time.monotonic()
             rec = self._record
             held = [m.sha256 for m in rec.models] if rec else []
+            if self.relay.options.service:
+                # why here: a relay is announced like a held model, on the same schedule
+                held.insert(0, RELAY_KEY_SHA256)
             for sha in list(self._provided):
                 if sha not in held:
                     del self._provided[sha]  # its provider records expire on their own
@@ -733,6 +738,8 @@ class PeerNetwork:
             raise
         self.table.update_record(peer, rec, rtt_ms=rtt_ms, source=source)
         self.table.record_reachable(peer)
+        if rtt_ms is not None:
+            self.table.record_path(peer, self.peer_path(peer)[0], rtt_ms=rtt_ms)
         self._learn_addrs(peer, rec.addrs)
         return rec
 
@@ -1169,6 +1176,23 @@ class PeerNetwork:
                 pass
             if not self.is_connected(peer):
                 await self.relay.dial(peer, self._known_circuits(peer))
+
+    async def _find_dht_relays(self) -> list[tuple[str, list[str]]]:
+        """Relay providers in the DHT: (peer id, addresses), not us. Bounded by the
+        caller; the addresses are learnt for later dials."""
+        infos = await self.dht.find_providers(RELAY_KEY_SHA256)
+        out = []
+        for info in infos:
+            peer = info.peer_id.to_base58()
+            addrs = [str(a) for a in info.addrs]
+            self._learn_addrs(peer, addrs, ttl=600)
+            if not addrs:  # why: a provider record may omit them; the peerstore may not
+                try:
+                    addrs = [str(a) for a in self.host.libp2p.get_peerstore().addrs(info.peer_id)]
+                except Exception:
+                    addrs = []
+            out.append((peer, addrs))
+        return out
 
     def peer_path(self, peer: str) -> tuple[str | None, str | None]:
         """("direct"|"relayed"|None, relay peer id) of our connection to `peer`."""

@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import multiaddr
@@ -57,6 +58,9 @@ CIRCUIT = "p2p-circuit"
 _MAX_CIRCUIT_ADDRS = 4  # advertised /p2p-circuit addresses
 _MAX_LIMITS = 1024  # remembered per-peer circuit limits
 _MAX_CIRCUITS_PER_PEER = 4  # remembered circuits to one peer (newest kept)
+_DHT_RELAY_MAX_FAILURES = 3  # a DHT-found relay failing this often in a row is dropped
+_DHT_RELAY_FORGET_S = 600.0  # ... and not picked again for this long
+_DHT_BACKOFF_MAX_S = 300.0
 
 
 def _status(resp: HopMessage) -> StatusCode:
@@ -84,6 +88,9 @@ class RelayOptions:
     hole_punch: bool = True
     reserve_timeout_s: float = 10.0
     dial_timeout_s: float = 10.0
+    dht_max: int = 2  # relays found in the DHT to reserve on when private (0: never look)
+    dht_lookup_timeout_s: float = 10.0
+    dht_backoff_s: float = 5.0  # first wait between DHT relay searches; doubles to 300 s
 
     def limits(self) -> RelayLimits:
         return RelayLimits(
@@ -164,6 +171,25 @@ class _CountedConnection(RawConnection):
     async def close(self) -> None:
         self.circuit.closed = True
         await super().close()
+
+
+def _dialable(addrs: Iterable[str]) -> list[multiaddr.Multiaddr]:
+    """A relay's addresses from the DHT that are worth dialling and advertising through:
+    no circuits, no wildcards, loopback only if that is all there is; at most 4."""
+    good: list[multiaddr.Multiaddr] = []
+    loop: list[multiaddr.Multiaddr] = []
+    for a in addrs:
+        s = str(a).split("/p2p/")[0]
+        if not s or is_circuit(s) or "/0.0.0.0/" in s or "/::/" in s:
+            continue
+        try:
+            ma = multiaddr.Multiaddr(s)
+        except Exception:
+            continue
+        bucket = loop if s.startswith(("/ip4/127.", "/ip6/::1/")) else good
+        if ma not in bucket:
+            bucket.append(ma)
+    return (good or loop)[:4]
 
 
 def parse_relays(addrs: Iterable[str]) -> dict[str, list[multiaddr.Multiaddr]]:
@@ -328,6 +354,8 @@ class _Reservation:
     limit_bytes: int = 0
     limit_duration_s: int = 0
     since: float = 0.0
+    source: str = "flag"  # flag (--relay) | dht (found in the DHT)
+    failures: int = 0  # consecutive failed reservation attempts
 
 
 class RelayService:
@@ -339,8 +367,16 @@ class RelayService:
         options: RelayOptions,
         *,
         on_addrs_changed: Callable[[], None] = lambda: None,
+        find_relays: Callable[[], Awaitable[list[tuple[str, list[str]]]]] | None = None,
+        needs_relay: Callable[[], bool] = lambda: False,
     ) -> None:
         self.host = host
+        # Relays from the DHT: `find_relays()` returns (relay peer id, addresses) of relay
+        # providers; asked only while `needs_relay()` (we are private) and no reservation
+        # works, for at most `options.dht_max` relays.
+        self._find_relays = find_relays
+        self._needs_relay = needs_relay
+        self._nursery: trio.Nursery | None = None
         self.options = options
         self.peer_id_str = host.get_id().to_base58()
         relays = parse_relays(options.relays)
@@ -348,6 +384,7 @@ class RelayService:
         self._reservations = {r: _Reservation(r, a) for r, a in relays.items()}
         self._on_addrs_changed = on_addrs_changed
         self._ever_reserved: set[str] = set()
+        self._dht_dropped: dict[str, float] = {}  # DHT relay -> when dropped (monotonic)
         self.protocol = QvacRelayProtocol(host, options, self._may_stop, self._add_circuit)
         self.dcutr = DCUtRProtocol(host, read_timeout=10, write_timeout=10, dial_timeout=3)
         self._circuits: dict[str, list[Circuit]] = {}  # peer -> its relayed connections
@@ -358,6 +395,9 @@ class RelayService:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with background_trio_service(self.protocol), trio.open_nursery() as nursery:
+            self._nursery = nursery
+            if self._find_relays is not None and self.options.dht_max > 0:
+                nursery.start_soon(self._dht_relay_loop)
             if self.options.hole_punch:
                 await nursery.start(self._run_dcutr)
             for res in self._reservations.values():
@@ -387,6 +427,15 @@ class RelayService:
         backoff = 2.0
         while True:
             ok = await self._reserve_once(res)
+            if not ok and res.source == "dht" and res.failures >= _DHT_RELAY_MAX_FAILURES:
+                # A relay found in the DHT that keeps failing is dropped: the search
+                # (below) picks another one. --relay ones are kept, as configured.
+                log.warning("relay: dropping DHT-found relay %s after %d failed attempts (%s)",
+                            res.relay, res.failures, res.error or res.state)
+                if self._reservations.get(res.relay) is res:
+                    del self._reservations[res.relay]
+                    self._dht_dropped[res.relay] = time.monotonic()
+                return
             if ok:
                 backoff = 2.0
                 ttl = max(10.0, res.expires - time.time())
@@ -436,6 +485,7 @@ class RelayService:
             if res.state != "unreachable" or res.error != msg:
                 log.warning("relay: cannot reserve on %s: %s; will retry", res.relay, msg[:160])
             self._set_state(res, "unreachable", msg[:200])
+            res.failures += 1
             return False
         finally:
             if stream is not None:
@@ -449,21 +499,99 @@ class RelayService:
             reason = status.name if status != StatusCode.OK else "no reservation in answer"
             log.warning("relay: %s refused the reservation: %s; will retry later", res.relay, reason)
             self._set_state(res, "refused", reason)
+            res.failures += 1
             return False
         res.expires = float(resp.reservation.expire) or time.time() + 60
         if resp.HasField("limit"):
             res.limit_bytes, res.limit_duration_s = resp.limit.data, resp.limit.duration
         self._ever_reserved.add(res.relay)
+        res.failures = 0
         was = res.state
         self._set_state(res, "reserved")
         if was != "reserved":
             log.info(
-                "relay: reserved on %s for %.0f s (circuit limits: %d bytes, %d s); "
+                "relay: reserved on %s (%s) for %.0f s (circuit limits: %d bytes, %d s); "
                 "advertising %s",
-                res.relay, res.expires - time.time(), res.limit_bytes, res.limit_duration_s,
+                res.relay, "found in the DHT" if res.source == "dht" else "--relay",
+                res.expires - time.time(), res.limit_bytes, res.limit_duration_s,
                 ",".join(self.circuit_addrs()),
             )
         return True
+
+    # -- relays found in the DHT -------------------------------------------------------
+
+    def _has_working_reservation(self) -> bool:
+        now = time.time()
+        return any(r.state == "reserved" and r.expires > now for r in self._reservations.values())
+
+    async def _dht_relay_loop(self) -> None:
+        """While we are private and no reservation works, look up relay providers in the
+        DHT and reserve on one (the next on refusal), up to `dht_max` DHT relays. Every
+        lookup is bounded; searches that find nothing back off (5 s doubling to 5 min)."""
+        backoff = self.options.dht_backoff_s
+        await trio.sleep(1.0)
+        while True:
+            dht_held = sum(1 for r in self._reservations.values() if r.source == "dht")
+            if (self._has_working_reservation() or not self._needs_relay()
+                    or dht_held >= self.options.dht_max):
+                backoff = self.options.dht_backoff_s
+                await trio.sleep(2.0)
+                continue
+            if await self._reserve_from_dht():
+                backoff = self.options.dht_backoff_s
+                continue
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, _DHT_BACKOFF_MAX_S)
+
+    async def _reserve_from_dht(self) -> bool:
+        """One search: True once a reservation on a DHT-found relay is made."""
+        assert self._find_relays is not None and self._nursery is not None
+        found: list[tuple[str, list[str]]] = []
+        try:
+            with trio.fail_after(self.options.dht_lookup_timeout_s):
+                found = await self._find_relays()
+        except (Exception, trio.TooSlowError) as e:
+            msg = "timed out" if isinstance(e, trio.TooSlowError) else f"{type(e).__name__}: {e}"
+            log.info("relay: looking up relays in the DHT failed: %s", msg[:160])
+            return False
+        now = time.monotonic()
+        if len(self._dht_dropped) > 256:
+            self._dht_dropped = {r: t for r, t in self._dht_dropped.items()
+                                 if now - t < _DHT_RELAY_FORGET_S}
+        tried: list[str] = []
+        for relay, addrs in found:
+            if relay == self.peer_id_str or relay in self._reservations:
+                continue
+            if now - self._dht_dropped.get(relay, -math.inf) < _DHT_RELAY_FORGET_S:
+                continue
+            if sum(1 for r in self._reservations.values() if r.source == "dht") >= \
+                    self.options.dht_max:
+                break
+            maddrs = _dialable(addrs)
+            if not maddrs:
+                continue
+            res = _Reservation(relay, maddrs, source="dht")
+            tried.append(relay)
+            self._reservations[relay] = res  # why first: status shows the attempt
+            if await self._reserve_once(res):
+                log.info("relay: using relay %s found in the DHT", relay)
+                self._nursery.start_soon(self._keep_reserved_after_first, res)
+                return True
+            if self._reservations.get(relay) is res:
+                del self._reservations[relay]
+            self._dht_dropped[relay] = now  # refused or unreachable: try the next one
+        log.info("relay: no usable relay in the DHT (%d found%s); retrying later", len(found),
+                 f", tried {', '.join(t[:16] for t in tried)}" if tried else "")
+        return False
+
+    async def _keep_reserved_after_first(self, res: _Reservation) -> None:
+        """`_keep_reserved` for a reservation just made: wait out half its lifetime (or a
+        drop of the relay connection) before the first renewal."""
+        ttl = max(10.0, res.expires - time.time())
+        with trio.move_on_after(ttl / 2):
+            while self._connected(res.relay):
+                await trio.sleep(1.0)
+        await self._keep_reserved(res)
 
     def circuit_addrs(self) -> list[str]:
         """Our /p2p-circuit addresses through every relay we hold a reservation on."""
@@ -604,6 +732,7 @@ class RelayService:
             "reservations": [
                 {
                     "relay": r.relay,
+                    "source": r.source,
                     "state": r.state,
                     **({"expires_in_s": round(r.expires - now)} if r.state == "reserved" else {}),
                     **({"error": r.error} if r.error else {}),

@@ -26,6 +26,31 @@ SOURCES = ("bootstrap", "mdns", "dht", "inbound", "outbound", "manual")
 BACKOFF_BASE_S = 1.0
 BACKOFF_MAX_S = 300.0
 MAX_ADDRS = 16
+PATHS = ("direct", "relayed")
+PATH_EWMA = 0.5  # weight of a new sample in a path's RTT and tokens/s
+
+
+@dataclass
+class PathStats:
+    """What one path (direct or relayed) to a peer measured: capacity round trips and
+    the decode rate of streams delegated over it, as moving averages."""
+
+    rtt_ms: float | None = None
+    tokens_per_s: float | None = None
+    rtt_samples: int = 0
+    streams: int = 0  # delegated streams measured
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "rtt_ms": None if self.rtt_ms is None else round(self.rtt_ms, 3),
+            "tokens_per_s": None if self.tokens_per_s is None else round(self.tokens_per_s, 2),
+            "rtt_samples": self.rtt_samples,
+            "streams": self.streams,
+        }
+
+
+def _ewma(old: float | None, new: float) -> float:
+    return new if old is None else (1 - PATH_EWMA) * old + PATH_EWMA * new
 
 
 class RoleSource(Protocol):
@@ -52,6 +77,7 @@ class PeerEntry:
     failure_kind: str = ""
     served: int = 0  # requests this peer completed for us
     failed: int = 0  # requests to this peer that failed (total, not consecutive)
+    paths: dict[str, PathStats] = field(default_factory=dict)  # "direct" / "relayed"
 
     def available(self, now: float | None = None) -> bool:
         """False while the peer is backing off after failures."""
@@ -235,6 +261,31 @@ class PeerTable:
         entry.backoff_until = now + delay
         return entry.backoff_until
 
+    def record_path(
+        self,
+        peer_id: str,
+        path: str | None,
+        *,
+        rtt_ms: float | None = None,
+        tokens_per_s: float | None = None,
+    ) -> None:
+        """A measurement over `path` ("direct" or "relayed"; others are ignored): a
+        capacity round trip, or the decode rate of a delegated stream."""
+        entry = self._peers.get(peer_id)
+        if entry is None or path not in PATHS:
+            return
+        stats = entry.paths.setdefault(path, PathStats())
+        if rtt_ms is not None and rtt_ms >= 0:
+            stats.rtt_ms = _ewma(stats.rtt_ms, rtt_ms)
+            stats.rtt_samples += 1
+        if tokens_per_s is not None and tokens_per_s > 0:
+            stats.tokens_per_s = _ewma(stats.tokens_per_s, tokens_per_s)
+            stats.streams += 1
+
+    def path_stats(self, peer_id: str, path: str | None) -> PathStats | None:
+        entry = self._peers.get(peer_id)
+        return None if entry is None or path is None else entry.paths.get(path)
+
     def remove(self, peer_id: str) -> None:
         self._peers.pop(peer_id, None)
 
@@ -272,6 +323,7 @@ class PeerTable:
                     if e.verified_at is None
                     else round(now - e.verified_at, 3),
                     "rtt_ms": None if e.rtt_ms is None else round(e.rtt_ms, 3),
+                    "paths": {p: st.to_json() for p, st in e.paths.items()},
                     "failures": e.failures,
                     "backoff_s": round(max(0.0, e.backoff_until - now), 3),
                     "available": e.available(now),

@@ -158,7 +158,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         for r in net.get("reservations", []):
             extra = (f" expires in {r['expires_in_s']}s" if "expires_in_s" in r
                      else f" ({r.get('error', '')})")
-            con.print(f"relay {r['relay']} {r['state']}{extra}")
+            found = " (found in the DHT)" if r.get("source") == "dht" else ""
+            con.print(f"relay {r['relay']}{found} {r['state']}{extra}")
         svc = net.get("service")
         if svc:
             con.print(f"relay service: {svc['reservations']}/{svc['max_reservations']}"

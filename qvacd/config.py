@@ -124,6 +124,7 @@ OPTIONS: list[Option] = [
     Option("relay_reservation_ttl", int, 3600, "seconds a reservation on this relay lasts before it must be renewed", metavar="S"),
     Option("relay_circuit_duration", int, 3600, "seconds one relayed connection may last (0: no limit)", metavar="S"),
     Option("relay_circuit_bytes", parse_size, 1 << 30, "bytes one relayed connection may carry, both ways, e.g. 1GiB (0: no limit)", metavar="SIZE"),
+    Option("relay_dht_max", int, 2, "relays found in the DHT to reserve on when this node is private and has no working reservation (0: never look)", metavar="N"),
     Option("hole_punch", _bool, True, "upgrade relayed connections to direct ones by hole punching (DCUtR)", kind="flag"),
     Option("log_level", _choice("debug", "info", "warning", "error"), "info", "log verbosity", metavar="LEVEL"),
 ]
@@ -160,6 +161,7 @@ class Config:
     relay_reservation_ttl: int = 3600
     relay_circuit_duration: int = 3600
     relay_circuit_bytes: int = 1 << 30
+    relay_dht_max: int = 2
     hole_punch: bool = True
     log_level: str = "info"
 
@@ -184,6 +186,8 @@ class Config:
         for name in ("relay_max_reservations", "relay_reservation_ttl"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
+        if self.relay_dht_max < 0:
+            raise ConfigError("relay_dht_max must be 0 (never look) or more")
         for name in ("relay_circuit_duration", "relay_circuit_bytes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be 0 (no limit) or more")

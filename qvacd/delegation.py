@@ -50,6 +50,7 @@ STALL_TIMEOUT_MAX_S = 30.0
 DEFAULT_DEADLINE_MS = 10 * 60 * 1000
 
 
+MIN_RATE_TOKENS = 4  # a delegated stream's tokens/s is kept per path from this many tokens
 MISBEHAVIOUR_BACKOFF_S = 60.0  # garbage or a stall is no accident: keep away longer
 
 
@@ -77,6 +78,17 @@ class _Attempt:
         self.peer = peer
         self.io = io
         self.state = state
+        self.tokens = 0  # Token frames received
+        self.first_token: float | None = None  # monotonic time of the first / last one
+        self.last_token: float | None = None
+
+    def decode_rate(self) -> float | None:
+        """Tokens/s between the first and last Token frame (the decode phase, as the
+        consumer sees it over this path); None for streams too short to tell."""
+        if self.tokens < MIN_RATE_TOKENS or self.first_token is None or self.last_token is None:
+            return None
+        took = self.last_token - self.first_token
+        return (self.tokens - 1) / took if took > 0 else None
 
 
 class RemoteInference:
@@ -110,19 +122,33 @@ class RemoteInference:
             if m is None or (r.memory_budget and m.memory > r.memory_budget):
                 continue  # not there, or too big for that peer too
             tps = dict(r.tokens_per_s).get(m.sha256, 0.0) if r.tokens_per_s else 0.0
+            # The current path's own numbers when it has any: tokens/s measured on
+            # streams delegated over it, RTT of capacity exchanges over it.
+            path = self._path(e.peer_id)
+            stats = getattr(e, "paths", {}).get(path) if path else None
+            rtt = e.rtt_ms
+            if stats is not None:
+                tps = stats.tokens_per_s or tps
+                rtt = stats.rtt_ms if stats.rtt_ms is not None else rtt
             # Lower sorts first: warm, free slot, direct before relayed, short queue,
             # fast, near, reliable.
             score = (0 if m.loaded else 1, 0 if r.slots_free > 0 else 1,
-                     self._path_rank(e.peer_id), r.queue_len,
-                     -round(tps), e.rtt_ms if e.rtt_ms is not None else 1e3, e.failures)
+                     1 if path == "relayed" else 0, r.queue_len,
+                     -round(tps), rtt if rtt is not None else 1e3, e.failures)
             out.append(Candidate(e.peer_id, score, r))
         out.sort(key=lambda c: c.score)
         return out
 
-    def _path_rank(self, peer: str) -> int:
-        """0 direct (or not connected yet: a dial prefers direct), 1 through a relay."""
+    def _path(self, peer: str) -> str | None:
+        """"direct", "relayed", or None (not connected yet: a dial prefers direct)."""
         path = getattr(self.network, "peer_path", None)
-        return 1 if path is not None and path(peer)[0] == "relayed" else 0
+        return path(peer)[0] if path is not None else None
+
+    def _record_rate(self, peer: str, rate: float | None) -> None:
+        """Keep the decode rate a delegated stream had, under the path it used."""
+        record = getattr(self.network.table, "record_path", None)
+        if rate is not None and record is not None:
+            record(peer, self._path(peer), tokens_per_s=rate)
 
     def has_candidates(self, model: str) -> bool:
         return bool(self.candidates(model))
@@ -280,6 +306,7 @@ class RemoteInference:
                         result.prompt_tokens = done.prompt_tokens
                     result.finish_reason = str(done.finish_reason)
                     self.network.table.record_success(attempt.peer)
+                    self._record_rate(attempt.peer, attempt.decode_rate())
                     if self.metrics is not None:
                         self.metrics.peer_requests.labels(attempt.peer, "served").inc()
                     return
@@ -343,6 +370,10 @@ class RemoteInference:
             except ProtocolError as e:
                 raise PeerFailed(peer, f"broke the protocol: {e}", misbehaved=True) from e
             if isinstance(msg, Token):
+                attempt.tokens += 1
+                attempt.last_token = now
+                if attempt.first_token is None:
+                    attempt.first_token = now
                 emitted.append(msg.text)
                 send.send_nowait(msg.text)
             elif isinstance(msg, Done):

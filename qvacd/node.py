@@ -90,7 +90,8 @@ class Node:
             service=cfg.relay_service, max_reservations=cfg.relay_max_reservations,
             reservation_ttl_s=cfg.relay_reservation_ttl,
             circuit_duration_s=cfg.relay_circuit_duration, circuit_bytes=cfg.relay_circuit_bytes,
-            allow=tuple(cfg.relay_allow), relays=tuple(cfg.relay), hole_punch=cfg.hole_punch)
+            allow=tuple(cfg.relay_allow), relays=tuple(cfg.relay), hole_punch=cfg.hole_punch,
+            dht_max=cfg.relay_dht_max)
         try:
             self.network = PeerNetwork(
                 self.identity, capacity_source=self.capacity_record,

@@ -141,6 +141,10 @@ def test_delegate_through_relay_then_direct_after_hole_punch(
         # every token crossed the relay: it forwarded more bytes than the answer holds
         assert through_relay > len(text.encode()), (through_relay, text)
         assert a.peer(b.peer_id)["path"] == "relayed"
+        # the router keeps what the relayed path measured: RTT and delegated tokens/s
+        relayed = a.peer(b.peer_id)["paths"]["relayed"]
+        assert relayed["tokens_per_s"] > 0 and relayed["streams"] == 1, relayed
+        assert relayed["rtt_ms"] > 0 and relayed["rtt_samples"] >= 1, relayed
 
         # phase 2: A with hole punching: DCUtR upgrades the relayed connection to direct
         a.stop()
@@ -155,6 +159,7 @@ def test_delegate_through_relay_then_direct_after_hole_punch(
         # the tokens did not cross the relay (it may forward a keep-alive, not an answer)
         assert through_relay2 < len(text2.encode()), (through_relay2, text2)
         assert a.peer(b.peer_id)["path"] == "direct"
+        assert a.peer(b.peer_id)["paths"]["direct"]["tokens_per_s"] > 0
     finally:
         for n in nodes:
             n.close()
@@ -183,6 +188,38 @@ def test_relay_refuses_reservation_outside_allow_list(
         svc = relay.status()["network"]["service"]
         assert svc["reservations"] == 0 and svc["reservations_refused"] >= 1
         assert "refused the reservation: PERMISSION_DENIED" in b.log()
+    finally:
+        for n in nodes:
+            n.close()
+
+
+@needs_nat
+@pytest.mark.timeout(120)
+def test_private_node_finds_relay_in_dht(
+        natlab: nat.NatLab, model_template: Path, tmp_path: Path) -> None:
+    """B is given no --relay: it bootstraps to the relay node, which announces itself in
+    the DHT as a relay; B finds itself private, looks relays up there and reserves."""
+    relay = NsNode(natlab, "relay", nat.RELAY_IP, tmp_path / "relay" / "data")
+    relay.data_dir.mkdir(parents=True, exist_ok=True)
+    b = NsNode(natlab, "b", nat.HOSTS["b"][1], tmp_path / "b" / "data")
+    b.data_dir.mkdir(parents=True, exist_ok=True)
+    nodes = [relay, b]
+    try:
+        relay.start("--relay-service", "--no-default-model", "--no-preload")
+        b.start("--bootstrap", relay.addr, "--no-default-model", "--no-preload")
+        circuit = f"{relay.addr}/p2p-circuit/p2p/{b.peer_id}"
+        wait_for("B's reservation on the relay found in the DHT",
+                 lambda: circuit in b.status()["network"]["relayed_addrs"], 60, nodes)
+        net = b.status()["network"]
+        assert net["reachability"] == "private"
+        [res] = net["reservations"]
+        assert (res["relay"], res["source"], res["state"]) == (relay.peer_id, "dht", "reserved")
+        assert f"relay: using relay {relay.peer_id} found in the DHT" in b.log()
+        # B advertises the circuit in its capacity record, as the relay sees it
+        wait_for("the circuit in B's capacity record", lambda: circuit in
+                 relay.peer(b.peer_id)["capacity"]["addrs"], 20, nodes)
+        svc = relay.status()["network"]["service"]
+        assert svc["reservations"] == 1 and svc["reservations_accepted"] >= 1
     finally:
         for n in nodes:
             n.close()
