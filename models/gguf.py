@@ -124,6 +124,9 @@ class GGUFInfo:
         }
 
 
+_U64 = struct.Struct("<Q")
+
+
 class _Reader:
     def __init__(self, f: BinaryIO, path: Path) -> None:
         self.f = f
@@ -154,6 +157,28 @@ class _Reader:
         except UnicodeDecodeError as e:
             raise GGUFError(f"{self.path}: corrupt GGUF header (invalid UTF-8)") from e
 
+    def skip_strings(self, n: int) -> None:
+        """Skip `n` length-prefixed strings without decoding them.
+
+        why: the vocabulary (262k strings in Gemma 3) took 0.4 s to decode one by one
+        only to be dropped; walking the lengths in 1 MiB blocks takes a tenth of that.
+        A string running past the end of the file is caught by the next read."""
+        buf, pos = b"", 0
+        for _ in range(n):
+            if pos + 8 > len(buf):
+                buf, pos = buf[pos:] + self.f.read(1 << 20), 0
+                if len(buf) < 8:
+                    raise GGUFError(f"{self.path}: truncated GGUF header (file ends early)")
+            (length,) = _U64.unpack_from(buf, pos)
+            if length > _MAX_STRING:
+                raise GGUFError(f"{self.path}: corrupt GGUF header (string of {length} bytes)")
+            pos += 8 + length
+            if pos > len(buf):  # the string runs past the block: seek over the rest
+                self.f.seek(pos - len(buf), 1)
+                buf, pos = b"", 0
+        if pos < len(buf):
+            self.f.seek(pos - len(buf), 1)  # give back what was read ahead
+
     def value(self, vtype: int, depth: int = 0) -> Any:
         if vtype in _SCALARS:
             return self.scalar(vtype)
@@ -171,6 +196,9 @@ class _Reader:
                 if n > 64:
                     return _ArrayLen(n)
                 return list(struct.unpack("<" + _SCALARS[etype][1] * n, raw))
+            if etype == _STRING and n > 64:
+                self.skip_strings(n)
+                return _ArrayLen(n)
             items = [self.value(etype, depth + 1) for _ in range(n)]
             return _ArrayLen(n) if n > 64 else items
         raise GGUFError(f"{self.path}: corrupt GGUF header (unknown value type {vtype})")

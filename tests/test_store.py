@@ -47,6 +47,12 @@ def test_truncated_and_corrupt_gguf_rejected_nothing_imported(default_blob: Path
         header_only.write_bytes(f.read(1000))
     with pytest.raises(StoreError, match="truncated"):
         store.add(header_only, "hdr")
+    for cut in (300_000, 1_500_000, 2_000_003):  # inside the vocabulary's string array
+        mid_vocab = tmp_path / f"vocab{cut}.gguf"
+        with default_blob.open("rb") as f:
+            mid_vocab.write_bytes(f.read(cut))
+        with pytest.raises(StoreError, match="truncated"):
+            store.add(mid_vocab, f"vocab{cut}")
     assert store.list() == []
     assert list(store.blobs.iterdir()) == [] and list(store.tmp.iterdir()) == []
 
