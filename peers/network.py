@@ -456,7 +456,7 @@ class PeerNetwork:
         Raises CapacityError (refused, timed out, malformed) or RecordError (forged/stale).
         """
         peer = _id(peer_id).to_base58()
-        reply, rtt_ms = await self._exchange(peer, CapacityRequest(), timeout)
+        reply, rtt_ms, path = await self._exchange(peer, CapacityRequest(), timeout)
         if isinstance(reply, Error):
             raise CapacityError(
                 f"peer {peer} refused the capacity request: {reply.code}: {reply.message}"
@@ -465,7 +465,8 @@ class PeerNetwork:
             raise CapacityError(
                 f"peer {peer} answered a capacity request with {type(reply).__name__}"
             )
-        rec = self._accept_record(peer, reply.record, source="outbound", rtt_ms=rtt_ms)
+        rec = self._accept_record(peer, reply.record, source="outbound", rtt_ms=rtt_ms,
+                                  path=path)
         self.counters["capacity_fetched"] += 1
         return rec
 
@@ -685,17 +686,20 @@ class PeerNetwork:
         current = self.current_record()
         if current is None:
             return
-        reply, rtt_ms = await self._exchange(peer, CapacityResponse(record=current[1]), None)
+        reply, rtt_ms, path = await self._exchange(
+            peer, CapacityResponse(record=current[1]), None
+        )
         self.counters["capacity_pushed"] += 1
         if isinstance(reply, CapacityResponse):
-            self._accept_record(peer, reply.record, source="outbound", rtt_ms=rtt_ms)
+            self._accept_record(peer, reply.record, source="outbound", rtt_ms=rtt_ms, path=path)
 
     # -- capacity protocol: client -------------------------------------------------------
 
     async def _exchange(
         self, peer: str, msg: Message, timeout: float | None
-    ) -> tuple[Message, float]:
-        """Open a capacity stream, send `msg`, read one reply: (reply, round trip ms)."""
+    ) -> tuple[Message, float, str]:
+        """Open a capacity stream, send `msg`, read one reply: (reply, round trip ms, the
+        path it took: "direct" or "relayed")."""
         timeout = timeout or self.limits.capacity_timeout_s
         started = time.perf_counter()
         stream: INetStream | None = None
@@ -723,10 +727,11 @@ class PeerNetwork:
         finally:
             if stream is not None:
                 await _close_quietly(stream, reset=not ok)
-        return reply, (time.perf_counter() - started) * 1000.0
+        return reply, (time.perf_counter() - started) * 1000.0, self.stream_path(stream)
 
     def _accept_record(
-        self, peer: str, data: bytes, *, source: str, rtt_ms: float | None = None
+        self, peer: str, data: bytes, *, source: str, rtt_ms: float | None = None,
+        path: str | None = None,
     ) -> CapacityRecord:
         """Verify a record received from `peer` and store it; count and re-raise if bad."""
         try:
@@ -739,7 +744,7 @@ class PeerNetwork:
         self.table.update_record(peer, rec, rtt_ms=rtt_ms, source=source)
         self.table.record_reachable(peer)
         if rtt_ms is not None:
-            self.table.record_path(peer, self.peer_path(peer)[0], rtt_ms=rtt_ms)
+            self.table.record_path(peer, path, rtt_ms=rtt_ms)
         self._learn_addrs(peer, rec.addrs)
         return rec
 
@@ -1193,6 +1198,11 @@ class PeerNetwork:
                     addrs = []
             out.append((peer, addrs))
         return out
+
+    def stream_path(self, stream: INetStream) -> str:
+        """"relayed" or "direct": the connection `stream` runs over (a stream opened
+        before a hole punch stays on the relayed connection)."""
+        return "relayed" if is_relayed(stream) else "direct"
 
     def peer_path(self, peer: str) -> tuple[str | None, str | None]:
         """("direct"|"relayed"|None, relay peer id) of our connection to `peer`."""

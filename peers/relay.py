@@ -61,6 +61,7 @@ _MAX_CIRCUITS_PER_PEER = 4  # remembered circuits to one peer (newest kept)
 _DHT_RELAY_MAX_FAILURES = 3  # a DHT-found relay failing this often in a row is dropped
 _DHT_RELAY_FORGET_S = 600.0  # ... and not picked again for this long
 _DHT_BACKOFF_MAX_S = 300.0
+_DHT_TRIES_PER_SEARCH = 4  # relays one search tries (each up to reserve_timeout_s)
 
 
 def _status(resp: HopMessage) -> StatusCode:
@@ -570,6 +571,8 @@ class RelayService:
             maddrs = _dialable(addrs)
             if not maddrs:
                 continue
+            if len(tried) >= _DHT_TRIES_PER_SEARCH:
+                break
             res = _Reservation(relay, maddrs, source="dht")
             tried.append(relay)
             self._reservations[relay] = res  # why first: status shows the attempt

@@ -188,14 +188,19 @@ def cmd_peers(args: argparse.Namespace) -> int:
         cap = p.get("capacity") or {}
         models = ",".join(m.get("name", "?") for m in cap.get("models", [])) or "-"
         tps = cap.get("tokens_per_s") or {}
-        rtt = p.get("rtt_ms")
+        # the current path's own numbers when it has them (delegated tok/s, RTT)
+        here = (p.get("paths") or {}).get(p.get("path") or "") or {}
+        rtt = here.get("rtt_ms") if here.get("rtt_ms") is not None else p.get("rtt_ms")
+        path = p.get("path") or "-"
+        if here.get("tokens_per_s"):
+            path += f" ({here['tokens_per_s']:.0f} tok/s)"
         age = p.get("verified_age_s")
         t.add_row(p["peer_id"][:14] + "…", "yes" if p.get("trusted") else "no",
                   ",".join(p.get("roles", [])) or "-", models,
                   f"{cap.get('slots_free', '-')}/{cap.get('slots_total', '-')}",
                   f"{max(tps.values()):.0f}" if tps else "-",
                   f"{rtt:.1f}" if isinstance(rtt, (int, float)) else "-",
-                  p.get("path") or "-",
+                  path,
                   str(p.get("served", 0)), str(p.get("failed", 0)),
                   f"{age:.0f}s ago" if isinstance(age, (int, float)) else "-")
     Console(width=None if sys.stdout.isatty() else 160).print(t)

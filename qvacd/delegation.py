@@ -144,11 +144,16 @@ class RemoteInference:
         path = getattr(self.network, "peer_path", None)
         return path(peer)[0] if path is not None else None
 
-    def _record_rate(self, peer: str, rate: float | None) -> None:
+    def _record_rate(self, attempt: _Attempt) -> None:
         """Keep the decode rate a delegated stream had, under the path it used."""
         record = getattr(self.network.table, "record_path", None)
-        if rate is not None and record is not None:
-            record(peer, self._path(peer), tokens_per_s=rate)
+        rate = attempt.decode_rate()
+        if rate is None or record is None:
+            return
+        stream_path = getattr(self.network, "stream_path", None)
+        path = (stream_path(attempt.io.stream) if stream_path is not None
+                else self._path(attempt.peer))
+        record(attempt.peer, path, tokens_per_s=rate)
 
     def has_candidates(self, model: str) -> bool:
         return bool(self.candidates(model))
@@ -306,7 +311,7 @@ class RemoteInference:
                         result.prompt_tokens = done.prompt_tokens
                     result.finish_reason = str(done.finish_reason)
                     self.network.table.record_success(attempt.peer)
-                    self._record_rate(attempt.peer, attempt.decode_rate())
+                    self._record_rate(attempt)
                     if self.metrics is not None:
                         self.metrics.peer_requests.labels(attempt.peer, "served").inc()
                     return

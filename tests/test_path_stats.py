@@ -104,8 +104,8 @@ def test_decode_rate_of_a_stream_is_filed_under_its_path() -> None:
     a.tokens, a.last_token = 21, 12.0
     assert a.decode_rate() == 10.0  # 20 gaps in 2 s
     net.paths[P1] = "relayed"
-    ri._record_rate(P1, a.decode_rate())
-    ri._record_rate(P1, None)
+    ri._record_rate(a)
+    ri._record_rate(_Attempt(P1, io=None, state=None))  # type: ignore[arg-type] # no rate
     assert net.table.path_stats(P1, "relayed").tokens_per_s == 10.0
     assert net.table.path_stats(P1, "relayed").streams == 1
     assert net.table.path_stats(P1, "direct") is None
