@@ -40,7 +40,9 @@ from .router import RoutedGeneration
 log = logging.getLogger("qvacd.delegation")
 
 FRESH_S = 8.0  # a record of a peer we are not connected to: re-fetch when older
-CONNECTED_FRESH_S = 30.0  # connected peers push every change, so their record holds
+# Connected peers push every change, so their record holds; past this (longer than the
+# 60 s safety-net refresh) it is fetched again before use.
+CONNECTED_FRESH_S = 90.0
 ACCEPT_TIMEOUT_S = 30.0  # peer must accept (or refuse) within this (it may be loading)
 STALL_TIMEOUT_S = 5.0  # silence between frames after acceptance counts as a failure
 # ... or, on a peer that has been slow on this stream (a saturated CPU, a phone), silence
