@@ -6,7 +6,9 @@ Why this shape:
   event loop with `trio.from_thread.run_sync`, which costs microseconds per token.
 - A `threading.Event` is checked between tokens: when the consumer goes away the
   worker stops within one token, and the slot is released only after the thread has
-  really stopped touching the model (no two threads ever share one llama context).
+  really stopped touching the model (no two threads ever share one llama context),
+  and as soon as it has: text not yet read by a slow client stays buffered, without
+  holding the slot.
 - Each model has a fixed number of slots (llama contexts) and a bounded wait queue;
   a full queue is refused at once with a retry hint instead of growing without limit.
 - Loaded models live in an LRU bounded by a memory budget computed from the GGUF
@@ -372,6 +374,23 @@ class Engine:
             m.waiting -= 1
         m.active += 1
         llm = None
+        released = False
+
+        def release() -> None:
+            # why as soon as the worker is done, not when the caller has sent everything:
+            # a slow reader (a phone on bad wifi) must not hold a slot that sits idle
+            nonlocal released
+            if released:
+                return
+            released = True
+            if llm is not None:
+                m.free.append(llm)
+            m.active -= 1
+            m.last_used = time.monotonic()
+            assert m.slots is not None
+            m.slots.release()
+            self.on_change()
+
         try:
             if req.messages is not None:
                 chat = self.render_chat(entry, list(req.messages))
@@ -420,6 +439,7 @@ class Engine:
                     )
                 finally:
                     await send.aclose()
+                    release()  # the pieces stay buffered for the caller
 
             try:
                 async with trio.open_nursery() as nursery:
@@ -440,12 +460,7 @@ class Engine:
                         0.7 * prev + 0.3 * result.tokens_per_s
                     self._tps[entry.sha256] = m.tokens_per_s = tps
         finally:
-            if llm is not None:
-                m.free.append(llm)
-            m.active -= 1
-            m.last_used = time.monotonic()
-            m.slots.release()
-            self.on_change()
+            release()
 
 
 def _vocab_tokens(entry: ModelEntry) -> list[str] | None:

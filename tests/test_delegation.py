@@ -290,6 +290,8 @@ def test_overflow_to_peer_when_local_slots_are_busy(mesh):
         r2 = httpx.post(a.api + "/v1/completions", json=short, timeout=3000)
         assert r2.status_code == 200
         assert r2.headers["x-qvac-served-by"] == mesh.ids["b"]  # overflowed, not queued
+        # The long answer is not being read: once generated, it waits in buffers
+        # without holding the slot, so the local-only request gets the slot.
         r3 = httpx.post(a.api + "/api/generate", timeout=120, json={
             "model": MODEL, "prompt": "Hi", "stream": False,
             "options": {"num_predict": 3, "local_only": True}})
