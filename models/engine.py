@@ -428,8 +428,17 @@ class Engine:
             cancel = threading.Event()
             token = trio.lowlevel.current_trio_token()
 
-            def emit(piece: str) -> None:
-                trio.from_thread.run_sync(send.send_nowait, piece, trio_token=token)
+            def deliver(piece: str) -> None:  # in the trio thread
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    send.send_nowait(piece)  # unbounded: never WouldBlock
+
+            def emit(piece: str) -> None:  # in the worker thread
+                # why not from_thread.run_sync: it blocks the worker until the event loop
+                # has taken the piece, so every token waited on HTTP work. run_sync_soon
+                # queues it and returns; the queue is FIFO, and to_thread reports the
+                # worker's end through the same queue, so every piece is delivered before
+                # the channel is closed below.
+                token.run_sync_soon(deliver, piece)
 
             async def worker() -> None:
                 try:
