@@ -31,6 +31,7 @@ checked against replay (SeqTracker), and counted by reason when refused (`metric
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -417,6 +418,7 @@ class PeerNetwork:
         try:
             with trio.fail_after(timeout):
                 if not self.is_connected(pid):
+                    self._forget_failed_dial(pid)
                     await self._connect_relayed_if_needed(pid.to_base58(), timeout / 2)
                 return await self.host.libp2p.new_stream(pid, [TProtocol(protocol_id)])
         except trio.TooSlowError:
@@ -1046,6 +1048,18 @@ class PeerNetwork:
                     # query (common under load) and never re-adds it while connected
                     self._nursery_start(self.dht.add_peer, pid)
 
+    def _forget_failed_dial(self, pid: ID) -> None:
+        """Drop `pid` from py-libp2p's negative dial cache before one of our own dials.
+
+        why: the library refuses any dial for 60 s after one that failed, so a peer that
+        restarted (kill -9, reboot, laptop lid) stayed unreachable for a minute even
+        though our bootstrap loop, peer table and router already pace retries with their
+        own back-off (the delegation bench lost its failover target this way)."""
+        cache = getattr(self.host.libp2p.get_network(), "_negative_peer_cache", None)
+        if cache is not None:
+            with contextlib.suppress(Exception):
+                cache.evict(str(pid))
+
     async def _dial(self, peer: str, addrs: Sequence[str], source: str) -> bool:
         if peer == self.peer_id_str or self.guard.peer_banned(peer):
             return False
@@ -1059,6 +1073,7 @@ class PeerNetwork:
         try:
             self._learn_addrs(peer, addrs)
             pid = _id(peer)
+            self._forget_failed_dial(pid)
             maddrs = [
                 m for m in self.host.libp2p.get_peerstore().addrs(pid) if not is_circuit(m)
             ]
