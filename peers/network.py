@@ -1060,6 +1060,53 @@ class PeerNetwork:
             with contextlib.suppress(Exception):
                 cache.evict(str(pid))
 
+    def _direct_dial_order(self, pid: ID, addrs: Sequence[str]) -> list[multiaddr.Multiaddr]:
+        """Direct addresses to try: the ones we were just given (bootstrap, mDNS, a
+        fresh record) first, then the peerstore's; at most 4."""
+        out: list[multiaddr.Multiaddr] = []
+        seen: set[str] = set()
+        suffix = multiaddr.Multiaddr(f"/p2p/{pid.to_base58()}")
+        given: list[multiaddr.Multiaddr] = []
+        for a in addrs:
+            try:
+                m = multiaddr.Multiaddr(a)
+                if "p2p" in [p.name for p in m.protocols()]:
+                    m = m.decapsulate(suffix)
+                given.append(m)
+            except Exception:
+                continue
+        for m in [*given, *self.host.libp2p.get_peerstore().addrs(pid)]:
+            if is_circuit(m) or str(m) in seen:
+                continue
+            seen.add(str(m))
+            out.append(m)
+        return out[:4]
+
+    async def _dial_each(self, pid: ID, maddrs: Sequence[multiaddr.Multiaddr]) -> None:
+        """Dial the addresses one by one until one connects.
+
+        why not host.connect(): py-libp2p 0.8.1's Swarm.dial_peer tries one address per
+        transport class, the first TCP one in its peerstore; a peer that restarted on a
+        new port or came back with a new IP (DHCP) was never dialled where it now is
+        (the delegation bench lost a restarted desktop for minutes)."""
+        swarm = self.host.libp2p.get_network()
+        errors: list[str] = []
+        with trio.fail_after(self.limits.dial_timeout_s * 2):
+            for m in maddrs:
+                if self.is_connected(pid):
+                    return
+                self._forget_failed_dial(pid)
+                try:
+                    with trio.fail_after(self.limits.dial_timeout_s):
+                        conn = await swarm.dial_addr(m, pid)
+                        started = getattr(conn, "event_started", None)
+                        if started is not None:
+                            await started.wait()
+                    return
+                except (Exception, trio.TooSlowError) as exc:
+                    errors.append(f"{m}: {type(exc).__name__}: {exc}"[:160])
+        raise PeerUnavailable("; ".join(errors) or "no address answered")
+
     async def _dial(self, peer: str, addrs: Sequence[str], source: str) -> bool:
         if peer == self.peer_id_str or self.guard.peer_banned(peer):
             return False
@@ -1073,15 +1120,11 @@ class PeerNetwork:
         try:
             self._learn_addrs(peer, addrs)
             pid = _id(peer)
-            self._forget_failed_dial(pid)
-            maddrs = [
-                m for m in self.host.libp2p.get_peerstore().addrs(pid) if not is_circuit(m)
-            ]
+            maddrs = self._direct_dial_order(pid, addrs)
             try:
                 if not maddrs:
                     raise PeerUnavailable("no direct address")
-                with trio.fail_after(self.limits.dial_timeout_s):
-                    await self.host.libp2p.connect(PeerInfo(pid, maddrs))
+                await self._dial_each(pid, maddrs)
             except (Exception, trio.TooSlowError):
                 # why: a peer behind NAT is reachable only through a relay
                 if not await self.relay.dial(peer, list(addrs) + self._known_circuits(peer)):
