@@ -2,8 +2,8 @@
 
 Why this shape:
 - llama.cpp calls block, but ctypes releases the GIL, so each generation runs in a
-  worker thread (`trio.to_thread.run_sync`) and hands every piece of text back to the
-  event loop with `trio.from_thread.run_sync`, which costs microseconds per token.
+  worker thread (`trio.to_thread.run_sync`) and queues every piece of text to the
+  event loop with `run_sync_soon`, without waiting for the loop to take it.
 - A `threading.Event` is checked between tokens: when the consumer goes away the
   worker stops within one token, and the slot is released only after the thread has
   really stopped touching the model (no two threads ever share one llama context),
