@@ -15,7 +15,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import ifaddr
@@ -169,3 +169,22 @@ def make_host(
     )
     apply_inbound_slot_fix(h.get_network())
     return Host(h, maddrs)
+
+
+def parse_peer_addrs(
+    addrs: Iterable[str], what: str, error: type[Exception]
+) -> dict[str, list[multiaddr.Multiaddr]]:
+    """MULTIADDR/p2p/PEERID strings -> {peer id: [addresses without /p2p]}; a bad one
+    raises `error` with a one-line message naming `what` it was (bootstrap, relay)."""
+    from libp2p.peer.peerinfo import info_from_p2p_addr
+
+    out: dict[str, list[multiaddr.Multiaddr]] = {}
+    for a in addrs:
+        try:
+            info = info_from_p2p_addr(multiaddr.Multiaddr(a))
+        except Exception:
+            raise error(
+                f"bad {what} address {a!r}; expected /ip4/<ip>/tcp/<port>/p2p/<peer id>"
+            ) from None
+        out.setdefault(info.peer_id.to_base58(), []).extend(info.addrs)
+    return out

@@ -55,7 +55,7 @@ from peers._swarm_fix import set_inbound_policy
 from peers.dht import PROVIDE_BATCH, PROVIDE_WINDOW_S, RELAY_KEY_SHA256, CapacityDHT
 from peers import sockfilter
 from peers.guard import GuardConfig, PeerGuard
-from peers.host import DEFAULT_LISTEN, Host, make_host
+from peers.host import DEFAULT_LISTEN, Host, make_host, parse_peer_addrs
 from peers.mdns import SERVICE_TYPE, MdnsService
 from peers.reachability import PRIVATE, Reachability, is_relayed
 from peers.relay import RelayOptions, RelayService, is_circuit
@@ -156,16 +156,17 @@ def _id(peer_id: str | ID) -> ID:
     return peer_id if isinstance(peer_id, ID) else ID.from_base58(peer_id)
 
 
-def _parse_bootstrap(addrs: Iterable[str]) -> dict[str, list[multiaddr.Multiaddr]]:
-    out: dict[str, list[multiaddr.Multiaddr]] = {}
+def _direct_addrs(addrs: Iterable[str], peer: str) -> list[multiaddr.Multiaddr]:
+    """Address strings of `peer` as multiaddrs without its /p2p suffix; bad ones skipped."""
+    out = []
     for a in addrs:
         try:
-            info = info_from_p2p_addr(multiaddr.Multiaddr(a))
+            m = multiaddr.Multiaddr(a)
+            if "p2p" in [p.name for p in m.protocols()]:
+                m = m.decapsulate(multiaddr.Multiaddr(f"/p2p/{peer}"))
+            out.append(m)
         except Exception:
-            raise NetworkError(
-                f"bad bootstrap address {a!r}; expected /ip4/<ip>/tcp/<port>/p2p/<peer id>"
-            ) from None
-        out.setdefault(info.peer_id.to_base58(), []).extend(info.addrs)
+            continue
     return out
 
 
@@ -246,7 +247,7 @@ class PeerNetwork:
         self.peer_id_str: str = identity.peer_id_str
         self.limits = limits or NetworkLimits()
         self._capacity_source = capacity_source
-        self._bootstrap = _parse_bootstrap(bootstrap)
+        self._bootstrap = parse_peer_addrs(bootstrap, "bootstrap", NetworkError)
         self._bootstrap.pop(self.peer_id_str, None)  # why: a node listed as its own peer
         self.host: Host = make_host(identity.keypair, list(listen_addrs))
         self.table = PeerTable(trust_store)
@@ -898,15 +899,7 @@ class PeerNetwork:
         self._learnt_addrs[peer] = (addrs, now)
         if len(self._learnt_addrs) > 4 * self.table.max_peers:
             self._learnt_addrs.clear()
-        maddrs = []
-        for a in addrs:
-            try:
-                m = multiaddr.Multiaddr(a)
-                if "p2p" in [p.name for p in m.protocols()]:
-                    m = m.decapsulate(multiaddr.Multiaddr(f"/p2p/{peer}"))
-                maddrs.append(m)
-            except Exception:
-                continue
+        maddrs = _direct_addrs(addrs, peer)
         if maddrs and peer != self.peer_id_str:
             self.host.libp2p.get_peerstore().add_addrs(_id(peer), maddrs, ttl)
 
@@ -1065,16 +1058,7 @@ class PeerNetwork:
         fresh record) first, then the peerstore's; at most 4."""
         out: list[multiaddr.Multiaddr] = []
         seen: set[str] = set()
-        suffix = multiaddr.Multiaddr(f"/p2p/{pid.to_base58()}")
-        given: list[multiaddr.Multiaddr] = []
-        for a in addrs:
-            try:
-                m = multiaddr.Multiaddr(a)
-                if "p2p" in [p.name for p in m.protocols()]:
-                    m = m.decapsulate(suffix)
-                given.append(m)
-            except Exception:
-                continue
+        given = _direct_addrs(addrs, pid.to_base58())
         for m in [*given, *self.host.libp2p.get_peerstore().addrs(pid)]:
             if is_circuit(m) or str(m) in seen:
                 continue

@@ -52,6 +52,8 @@ from libp2p.relay.circuit_v2.resources import RelayLimits
 from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
 from libp2p.tools.anyio_service import background_trio_service
 
+from peers.host import parse_peer_addrs
+
 log = logging.getLogger("qvacd.peers.relay")
 
 CIRCUIT = "p2p-circuit"
@@ -195,16 +197,7 @@ def _dialable(addrs: Iterable[str]) -> list[multiaddr.Multiaddr]:
 
 def parse_relays(addrs: Iterable[str]) -> dict[str, list[multiaddr.Multiaddr]]:
     """MULTIADDR/p2p/PEERID strings -> {relay peer id: [addresses without /p2p]}."""
-    out: dict[str, list[multiaddr.Multiaddr]] = {}
-    for a in addrs:
-        try:
-            info = info_from_p2p_addr(multiaddr.Multiaddr(a))
-        except Exception:
-            raise RelayError(
-                f"bad relay address {a!r}; expected /ip4/<ip>/tcp/<port>/p2p/<relay peer id>"
-            ) from None
-        out.setdefault(info.peer_id.to_base58(), []).extend(info.addrs)
-    return out
+    return parse_peer_addrs(addrs, "relay", RelayError)
 
 
 def connection_path(host: IHost, peer: ID) -> tuple[str | None, str | None]:
