@@ -13,42 +13,18 @@ import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .config import ConfigError, add_data_dir_arg, add_start_args, default_data_dir, load_config
+from .logs import setup_logging
 
 DEFAULT_API = "127.0.0.1:11435"
 
 
 class CliError(Exception):
     pass
-
-
-class _LogfmtFormatter(logging.Formatter):
-    """One structured line per record: time, level, logger, message."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        msg = record.getMessage().replace('"', "'")
-        line = f'{ts}.{int(record.msecs):03d}Z level={record.levelname.lower()} ' \
-               f'logger={record.name} msg="{msg}"'
-        if record.exc_info:
-            line += ' exc="' + self.formatException(record.exc_info).replace("\n", " | ") + '"'
-        return line
-
-
-def setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_LogfmtFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(getattr(logging, level.upper(), logging.INFO))
-    if level != "debug":  # libp2p and hypercorn are chatty at info
-        for noisy in ("libp2p", "hypercorn", "multiaddr", "async_service"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _data_dir(args: argparse.Namespace) -> Path:
