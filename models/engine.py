@@ -1,30 +1,29 @@
-"""The inference engine: llama-cpp-python in worker threads, tokens streamed into trio.
+"""The inference engine: which models run here, in how many parallel sequences, and the
+admission of each request into a model's continuous batch.
 
 Why this shape:
-- llama.cpp calls block, but ctypes releases the GIL, so each generation runs in a
-  worker thread (`trio.to_thread.run_sync`) and queues every piece of text to the
-  event loop with `run_sync_soon`, without waiting for the loop to take it.
-- A `threading.Event` is checked between tokens: when the consumer goes away the
-  worker stops within one token, and the slot is released only after the thread has
-  really stopped touching the model (no two threads ever share one llama context),
-  and as soon as it has: text not yet read by a slow client stays buffered, without
-  holding the slot.
-- Each model has a fixed number of slots (llama contexts) and a bounded wait queue;
-  a full queue is refused at once with a retry hint instead of growing without limit.
+- Each loaded model has ONE llama context with several sequences, stepped together by
+  one thread (models/batch_runner.py): throughput grows with the requests served at
+  once instead of cores being divided between contexts.
+- How many sequences: --parallel, else as many as the memory budget holds (each
+  sequence's KV cache counted) up to `max_parallel`. A request takes a sequence through
+  a semaphore; beyond that a bounded wait queue, and a full queue is refused at once
+  with a retry hint instead of growing without limit.
 - Loaded models live in an LRU bounded by a memory budget computed from the GGUF
-  header (weights + KV cache), so "too big for this device" is a decision, not an
-  out-of-memory crash.
+  header (weights + KV cache per sequence), so "too big for this device" is a decision,
+  not an out-of-memory crash.
+- The event loop never waits on llama.cpp: pieces of text are queued to it with
+  `run_sync_soon` as the runner produces them, and a sequence is released the moment
+  it leaves the batch, not when a slow client has read everything.
 """
 
 from __future__ import annotations
 
-import codecs
-import dataclasses
 import contextlib
+import dataclasses
 import logging
 import math
 import os
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
@@ -33,6 +32,7 @@ from typing import Any
 
 import trio
 
+from .batch_runner import BatchRunner, Sampling, SequenceOutcome, SequenceRequest
 from .chat import render_chat
 from .gguf import GGUFInfo
 from .store import ModelEntry, ModelStore
@@ -107,12 +107,14 @@ def _gpu_free_memory() -> int | None:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    n_ctx: int = 4096
+    n_ctx: int = 4096  # context of ONE sequence (one request)
     memory_budget: int = 0  # 0: default_memory_budget()
-    slots: int = 1  # llama contexts per model; on a 2-core CPU more only divide the cores
-    queue_size: int = 16  # requests allowed to wait for a slot, per model
+    parallel: int = 0  # sequences per model; 0: as many as the budget holds, up to max_parallel
+    max_parallel: int = 8  # the automatic choice stops here (more adds latency per stream)
+    queue_size: int = 16  # requests allowed to wait for a free sequence, per model
     n_threads: int = 0  # 0: all cores
     gpu_layers: int | None = None  # None: all when llama.cpp has GPU offload, else 0
+    n_batch: int = 512  # tokens per decode step (prompt chunks of joining sequences)
 
 
 @dataclass(frozen=True)
@@ -135,9 +137,10 @@ class GenerationRequest:
 
 @dataclass
 class GenerationResult:
-    finish_reason: str = "stop"  # stop | length | cancelled
+    finish_reason: str = "stop"  # stop | length | cancelled | error
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens served from a sequence's KV cache
     time_to_first_token: float | None = None
     tokens_per_s: float | None = None
 
@@ -146,10 +149,10 @@ class GenerationResult:
 class _Model:
     entry: ModelEntry
     info: GGUFInfo
+    parallel: int
     memory: int
-    free: list[Any] = field(default_factory=list)  # idle Llama instances
-    instances: int = 0
-    slots: trio.Semaphore | None = None
+    runner: BatchRunner | None = None
+    sequences: trio.Semaphore | None = None
     waiting: int = 0
     active: int = 0
     last_used: float = 0.0
@@ -158,11 +161,17 @@ class _Model:
 
 
 class Generation:
-    """One running generation: iterate it for text pieces; `result` when it ends."""
+    """One running generation: iterate it for text pieces; `result` when it ends.
 
-    def __init__(self, recv: trio.MemoryReceiveChannel, result: GenerationResult) -> None:
+    A fatal engine error after the first piece ends the iteration with EngineError
+    (INTERNAL), so a caller never mistakes a broken answer for a finished one.
+    """
+
+    def __init__(self, recv: trio.MemoryReceiveChannel, result: GenerationResult,
+                 outcome: SequenceOutcome) -> None:
         self._recv = recv
         self.result = result
+        self._outcome = outcome
 
     def __aiter__(self) -> AsyncIterator[str]:
         return self._iter()
@@ -170,9 +179,17 @@ class Generation:
     async def _iter(self) -> AsyncIterator[str]:
         async for piece in self._recv:
             yield piece
+        if self._outcome.finish_reason == "error":
+            raise EngineError(INTERNAL, self._outcome.error or "generation failed")
 
 
 class Engine:
+    """What qvacd asks of the models on this device: resolve, fit, load, generate.
+
+    `run()` must be running (the node starts it in its nursery) for generations: it owns
+    the threads of the batch runners.
+    """
+
     def __init__(self, store: ModelStore, config: EngineConfig | None = None) -> None:
         self.store = store
         self.config = config or EngineConfig()
@@ -185,7 +202,21 @@ class Engine:
         self.n_threads = self.config.n_threads or (os.cpu_count() or 1)
         self._models: OrderedDict[str, _Model] = OrderedDict()  # by sha256, LRU order
         self._tps: dict[str, float] = {}  # measured tokens/s by sha256, kept after unload
-        self.on_change: Callable[[], None] = lambda: None  # capacity changed (load/unload)
+        self._nursery: trio.Nursery | None = None
+        self.on_change: Callable[[], None] = lambda: None  # capacity changed
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Owns the runner threads; cancelling it stops them (each within one step)."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            for m in self._models.values():
+                if m.runner is not None:
+                    m.runner.stop()
 
     # ---- what we can run --------------------------------------------------------------
 
@@ -200,12 +231,31 @@ class Engine:
             )
         return entry
 
-    def memory_needed(self, entry: ModelEntry) -> int:
-        info = self.store.info(entry)
-        return info.memory_estimate(self.n_ctx_for(info))
-
     def n_ctx_for(self, info: GGUFInfo) -> int:
+        """The context of one sequence: --ctx-size, capped by what the model was trained on."""
         return min(self.config.n_ctx, info.context_length or self.config.n_ctx)
+
+    def _memory_for(self, info: GGUFInfo, parallel: int) -> int:
+        # Every extra sequence adds its own KV stream; weights and compute buffers are shared.
+        n_ctx = self.n_ctx_for(info)
+        return info.memory_estimate(n_ctx) + (parallel - 1) * info.kv_cache_bytes(n_ctx)
+
+    def parallel_for(self, entry: ModelEntry) -> int:
+        """Sequences this model gets: --parallel, else as many as the budget holds."""
+        m = self._models.get(entry.sha256)
+        if m is not None:
+            return m.parallel
+        if self.config.parallel > 0:
+            return self.config.parallel
+        info = self.store.info(entry)
+        best = 1
+        for p in range(2, max(1, self.config.max_parallel) + 1):
+            if self._memory_for(info, p) <= self.memory_budget:
+                best = p
+        return best
+
+    def memory_needed(self, entry: ModelEntry) -> int:
+        return self._memory_for(self.store.info(entry), self.parallel_for(entry))
 
     def fits(self, entry: ModelEntry) -> bool:
         return self.memory_needed(entry) <= self.memory_budget
@@ -213,40 +263,56 @@ class Engine:
     def check_fits(self, entry: ModelEntry) -> None:
         need = self.memory_needed(entry)
         if need > self.memory_budget:
+            p = self.parallel_for(entry)
+            seqs = f" with {p} parallel sequences" if p > 1 else ""
             raise EngineError(
                 TOO_LARGE,
-                f"model {entry.name} needs {fmt_bytes(need)} and the memory budget is"
-                f" {fmt_bytes(self.memory_budget)}; raise --memory-budget or use a smaller model",
+                f"model {entry.name} needs {fmt_bytes(need)}{seqs} and the memory budget is"
+                f" {fmt_bytes(self.memory_budget)}; raise --memory-budget"
+                f"{' or lower --parallel' if p > 1 else ''} or use a smaller model",
             )
 
     def slot_free(self, entry: ModelEntry) -> bool:
+        """A request for this model would start now (a free sequence, nobody waiting)."""
         m = self._models.get(entry.sha256)
-        if m is None or m.slots is None:
+        if m is None or m.sequences is None:
             return True
-        return m.slots.value > 0 and m.waiting == 0
+        return m.sequences.value > 0 and m.waiting == 0
 
     def loaded(self) -> set[str]:
-        return {sha for sha, m in self._models.items() if m.instances > 0}
+        return {sha for sha, m in self._models.items() if m.runner is not None}
 
     def tokens_per_s(self) -> dict[str, float]:
+        """Per-stream speed by sha256 (EWMA over finished requests, as they ran)."""
         return dict(self._tps)
 
+    def aggregate_tokens_per_s(self) -> float:
+        """Tokens/s this device generated over the last 10 s, all sequences together."""
+        return round(sum(m.runner.recent_tokens_per_s() for m in self._models.values()
+                         if m.runner is not None), 2)
+
     def status(self) -> dict[str, Any]:
-        used = sum(m.memory for m in self._models.values())
-        total_slots = self.config.slots * max(1, len(self._models))
+        used = sum(m.memory for m in self._models.values() if m.runner is not None)
+        total = sum(m.parallel for m in self._models.values()) or max(1, self.config.parallel)
         busy = sum(m.active for m in self._models.values())
         return {
             "memory_budget": self.memory_budget,
             "memory_used": used,
-            "slots_total": total_slots,
-            "slots_free": max(0, total_slots - busy),
+            "parallel": self.config.parallel or "auto",
+            "slots_total": total,  # sequences, over the models known to the engine
+            "slots_free": max(0, total - busy),
             "queue": sum(m.waiting for m in self._models.values()),
             "queue_limit": self.config.queue_size,
+            "aggregate_tokens_per_s": self.aggregate_tokens_per_s(),
             "gpu_layers": self.gpu_layers,
             "n_ctx": self.config.n_ctx,
             "loaded": [
-                {"name": m.entry.name, "sha256": sha, "memory": m.memory, "active": m.active,
-                 "waiting": m.waiting, "tokens_per_s": m.tokens_per_s}
+                {"name": m.entry.name, "sha256": sha, "memory": m.memory,
+                 "parallel": m.parallel, "active": m.active, "waiting": m.waiting,
+                 "tokens_per_s": m.tokens_per_s,
+                 "aggregate_tokens_per_s": round(m.runner.recent_tokens_per_s(), 2)
+                 if m.runner is not None else 0.0,
+                 "n_ctx_seq": m.runner.n_ctx_seq if m.runner is not None else None}
                 for sha, m in self._models.items()
             ],
         }
@@ -260,26 +326,26 @@ class Engine:
         m = self._models.get(entry.sha256)
         if m is None:
             info = self.store.info(entry)
-            m = _Model(entry=entry, info=info, memory=self.memory_needed(entry))
-            m.slots = trio.Semaphore(self.config.slots)
+            parallel = self.parallel_for(entry)
+            m = _Model(entry=entry, info=info, parallel=parallel,
+                       memory=self._memory_for(info, parallel))
+            m.sequences = trio.Semaphore(parallel)
             self._models[entry.sha256] = m
         self._models.move_to_end(entry.sha256)
         return m
 
     def _make_room(self, need: int, keep: str) -> None:
-        used = sum(m.memory for sha, m in self._models.items() if m.instances and sha != keep)
+        used = sum(m.memory for sha, m in self._models.items()
+                   if m.runner is not None and sha != keep)
         for sha, m in list(self._models.items()):
             if used + need <= self.memory_budget:
                 return
-            if sha == keep or m.instances == 0 or m.active or m.waiting:
+            if sha == keep or m.runner is None or m.active or m.waiting:
                 continue
             log.info("unloading %s to make room (LRU)", m.entry.name)
-            for llm in m.free:
-                with contextlib.suppress(Exception):
-                    llm.close()
-            m.free.clear()
+            m.runner.stop()  # its thread frees the context and weights, then ends
+            m.runner = None
             used -= m.memory
-            m.instances = 0
             del self._models[sha]
         if used + need > self.memory_budget:
             raise EngineError(
@@ -289,43 +355,62 @@ class Engine:
                 retry_after=2.0,
             )
 
-    async def _checkout(self, m: _Model) -> Any:
-        """Take an idle llama instance of this model, loading one if needed."""
-        if m.free:
-            return m.free.pop()
+    async def _runner_for(self, m: _Model) -> BatchRunner:
+        """The model's running batch runner, loading the model first if needed."""
+        runner = m.runner
+        if runner is not None and not runner.stopping:
+            return runner
         async with m.load_lock:
-            if m.free:
-                return m.free.pop()
-            if m.instances == 0:
-                self._make_room(m.memory, keep=m.entry.sha256)
-            llm = await trio.to_thread.run_sync(self._load_sync, m)
-            m.instances += 1
-            return llm
+            runner = m.runner
+            if runner is not None and not runner.stopping:
+                return runner
+            if self._nursery is None:
+                raise RuntimeError("Engine.run() is not running")
+            self._make_room(m.memory, keep=m.entry.sha256)
+            runner = BatchRunner(
+                str(m.entry.path), n_seq=m.parallel, n_ctx_seq=self.n_ctx_for(m.info),
+                n_threads=self.n_threads, gpu_layers=self.gpu_layers,
+                n_batch=self.config.n_batch)
+            t0 = time.monotonic()
+            try:
+                await trio.to_thread.run_sync(runner.load)
+            except Exception as e:
+                raise EngineError(INTERNAL, f"cannot load {m.entry.name}: {e}") from e
+            log.info("loaded %s in %.2fs: %d parallel sequences of %d tokens",
+                     m.entry.name, time.monotonic() - t0, m.parallel, runner.n_ctx_seq)
+            m.runner = runner
+            self._nursery.start_soon(self._drive, m, runner)
+            self.on_change()
+            return runner
 
-    def _load_sync(self, m: _Model) -> Any:
-        from llama_cpp import Llama
+    async def _drive(self, m: _Model, runner: BatchRunner) -> None:
+        """Runs the step loop in a thread of its own; stops it when cancelled."""
 
-        t0 = time.monotonic()
-        llm = Llama(
-            model_path=str(m.entry.path),
-            n_ctx=self.n_ctx_for(m.info),
-            n_threads=self.n_threads,
-            n_threads_batch=self.n_threads,
-            n_gpu_layers=self.gpu_layers,
-            n_batch=512,
-            verbose=False,
-        )
-        log.info("loaded %s in %.2fs", m.entry.name, time.monotonic() - t0)
-        return llm
+        async def stop_when_cancelled() -> None:
+            try:
+                await trio.sleep_forever()
+            finally:
+                runner.stop()
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stop_when_cancelled)
+                # its own limiter: a model's loop holds its thread for as long as it is loaded
+                await trio.to_thread.run_sync(runner.run, limiter=trio.CapacityLimiter(1))
+                nursery.cancel_scope.cancel()
+        finally:
+            if m.runner is runner:
+                m.runner = None  # broken: the next request loads the model afresh
+                if runner.broken:
+                    log.warning("%s unloaded after an engine error; it loads again on the"
+                                " next request", m.entry.name)
+                self.on_change()
 
     async def preload(self, name: str) -> None:
         entry = self.resolve(name)
         self.check_fits(entry)
         m = self._model_for(entry)
-        if m.instances == 0:
-            llm = await self._checkout(m)
-            m.free.append(llm)
-            self.on_change()
+        await self._runner_for(m)
 
     # ---- generating -------------------------------------------------------------------
 
@@ -349,69 +434,69 @@ class Engine:
 
     @contextlib.asynccontextmanager
     async def generate(self, req: GenerationRequest) -> AsyncIterator[Generation]:
-        """Admit, queue, load, check and run one generation.
+        """Admit, queue, load, check and run one generation as a sequence of the model's
+        batch.
 
         Raises EngineError before yielding when the request cannot run. The body
         iterates the Generation; leaving the block early (client gone, cancelled)
-        stops the worker within one token.
+        ends the sequence within one decode step.
         """
         entry = self.resolve(req.model)
         self.check_fits(entry)
         m = self._model_for(entry)
-        assert m.slots is not None
-        if m.slots.value == 0 and m.waiting >= self.config.queue_size:
+        assert m.sequences is not None
+        if m.sequences.value == 0 and m.waiting >= self.config.queue_size:
             raise EngineError(
                 BUSY,
-                f"model {entry.name} has {m.waiting} requests waiting (queue limit"
-                f" {self.config.queue_size}); retry shortly",
+                f"model {entry.name} has {m.active} requests running and {m.waiting} waiting"
+                f" (queue limit {self.config.queue_size}); retry shortly",
                 retry_after=max(1.0, m.waiting * 0.5),
             )
         m.waiting += 1
         self.on_change()
         try:
-            await m.slots.acquire()
+            await m.sequences.acquire()
         finally:
             m.waiting -= 1
         m.active += 1
-        llm = None
         released = False
 
         def release() -> None:
-            # why as soon as the worker is done, not when the caller has sent everything:
-            # a slow reader (a phone on bad wifi) must not hold a slot that sits idle
+            # as soon as the sequence has left the batch, not when the caller has sent
+            # everything: a slow reader (a phone on bad wifi) must not hold a sequence
             nonlocal released
             if released:
                 return
             released = True
-            if llm is not None:
-                m.free.append(llm)
             m.active -= 1
             m.last_used = time.monotonic()
-            assert m.slots is not None
-            m.slots.release()
+            assert m.sequences is not None
+            m.sequences.release()
             self.on_change()
 
+        submitted: tuple[BatchRunner, SequenceRequest] | None = None
         try:
             if req.messages is not None:
                 chat = self.render_chat(entry, list(req.messages))
                 req = dataclasses.replace(req, prompt=chat.prompt, stop=req.stop + chat.stop)
-            llm = await self._checkout(m)
-            prompt_tokens = llm.tokenize(
-                (req.prompt + req.resume).encode("utf-8"), add_bos=True, special=True
-            )
-            n_ctx = llm.n_ctx()
+            runner = await self._runner_for(m)
+            text = req.prompt + req.resume
+            if len(text) > 16384:  # long prompts tokenize off the event loop
+                prompt_tokens = await trio.to_thread.run_sync(runner.tokenize, text)
+            else:
+                prompt_tokens = runner.tokenize(text)
+            n_ctx = runner.n_ctx_seq
             if len(prompt_tokens) >= n_ctx:
                 raise EngineError(
                     BAD_REQUEST,
                     f"prompt is {len(prompt_tokens)} tokens but the context of {entry.name}"
-                    f" is {n_ctx} tokens; shorten the prompt",
+                    f" is {n_ctx} tokens per sequence; shorten the prompt",
                 )
             room = n_ctx - len(prompt_tokens)
             want = req.max_tokens
             if req.resume and want is not None:
                 # max_tokens counts the whole answer; the resumed part is already spent.
-                spent = len(llm.tokenize(req.resume.encode("utf-8"), add_bos=False))
-                want = max(0, want - spent)
+                want = max(0, want - runner.count_tokens(req.resume))
             if want is not None and want > room:
                 if req.resume:  # a resumed request continues as far as the context allows
                     want = room
@@ -419,57 +504,68 @@ class Engine:
                     raise EngineError(
                         BAD_REQUEST,
                         f"prompt ({len(prompt_tokens)} tokens) plus max_tokens"
-                        f" ({req.max_tokens}) exceeds the context of {n_ctx} tokens;"
-                        " lower max_tokens",
+                        f" ({req.max_tokens}) exceeds the context of {n_ctx} tokens per"
+                        " sequence; lower max_tokens or shorten the prompt",
                     )
-            room_tokens = want if want is not None else room
             result = GenerationResult(prompt_tokens=len(prompt_tokens))
             send, recv = trio.open_memory_channel[str](math.inf)
-            cancel = threading.Event()
             token = trio.lowlevel.current_trio_token()
 
             def deliver(piece: str) -> None:  # in the trio thread
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                     send.send_nowait(piece)  # unbounded: never WouldBlock
 
-            def emit(piece: str) -> None:  # in the worker thread
-                # why not from_thread.run_sync: it blocks the worker until the event loop
-                # has taken the piece, so every token waited on HTTP work. run_sync_soon
-                # queues it and returns; the queue is FIFO, and to_thread reports the
-                # worker's end through the same queue, so every piece is delivered before
-                # the channel is closed below.
-                token.run_sync_soon(deliver, piece)
+            ended = False
 
-            async def worker() -> None:
-                try:
-                    await trio.to_thread.run_sync(
-                        _generate_sync, llm, req, prompt_tokens, room_tokens, emit, cancel,
-                        result,
-                    )
-                finally:
-                    await send.aclose()
-                    release()  # the pieces stay buffered for the caller
-
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(worker)
-                    try:
-                        yield Generation(recv, result)
-                    finally:
-                        cancel.set()  # the worker sees it before its next token
-            finally:
-                # Runs even when the caller is being cancelled: the nursery has waited
-                # for the worker thread, so `result` is final here.
-                if cancel.is_set() and result.finish_reason not in ("stop", "length"):
-                    result.finish_reason = "cancelled"
-                if result.tokens_per_s and result.completion_tokens >= 8:
+            def finished(outcome: SequenceOutcome) -> None:  # in the trio thread
+                nonlocal ended
+                ended = True
+                result.finish_reason = outcome.finish_reason
+                result.completion_tokens = outcome.completion_tokens
+                result.cached_tokens = outcome.cached_tokens
+                result.time_to_first_token = outcome.time_to_first_token
+                result.tokens_per_s = outcome.tokens_per_s
+                send.close()
+                release()
+                if outcome.tokens_per_s and outcome.completion_tokens >= 8:
                     prev = self._tps.get(entry.sha256)
                     # EWMA: one slow request should not swing routing decisions.
-                    tps = result.tokens_per_s if prev is None else \
-                        0.7 * prev + 0.3 * result.tokens_per_s
+                    tps = outcome.tokens_per_s if prev is None else \
+                        0.7 * prev + 0.3 * outcome.tokens_per_s
                     self._tps[entry.sha256] = m.tokens_per_s = tps
+
+            # Why run_sync_soon and not from_thread.run_sync: the runner thread must never
+            # wait for the event loop. The queue is FIFO, so every piece is delivered
+            # before `finished` closes the channel.
+            seq = SequenceRequest(
+                prompt_tokens=prompt_tokens,
+                max_new=want if want is not None else room,
+                sampling=Sampling(temperature=req.temperature, top_p=req.top_p,
+                                  top_k=req.top_k, min_p=req.min_p,
+                                  repeat_penalty=req.repeat_penalty, seed=req.seed),
+                stops=tuple(s for s in req.stop if s),
+                emit=lambda piece: token.run_sync_soon(deliver, piece),
+                done=lambda outcome: token.run_sync_soon(finished, outcome),
+                # A seeded request is evaluated afresh: a reused prefix changes batch
+                # shapes and so the logits' last bits, and a seed promises the same text.
+                reuse_prefix=req.seed is None,
+            )
+            try:
+                runner.submit(seq)
+            except RuntimeError as e:  # stopped between the check above and now
+                raise EngineError(BUSY, f"model {entry.name} is being unloaded; retry",
+                                  retry_after=1.0) from e
+            submitted = (runner, seq)
+            try:
+                yield Generation(recv, result, seq.outcome)
+            finally:
+                if not ended:
+                    runner.cancel(seq)  # the runner ends it at its next step
+                    result.finish_reason = "cancelled"
         finally:
-            release()
+            if submitted is None:
+                release()
+            # else: `finished` releases the sequence when the runner reports its end
 
 
 def _vocab_tokens(entry: ModelEntry) -> list[str] | None:
@@ -482,90 +578,3 @@ def _vocab_tokens(entry: ModelEntry) -> list[str] | None:
         return [bytes(field_.parts[i]).decode("utf-8", "replace") for i in field_.data]
     except Exception:
         return None
-
-
-def _is_eog(llm: Any, tok: int) -> bool:
-    import llama_cpp
-
-    try:
-        return bool(llama_cpp.llama_vocab_is_eog(llm._model.vocab, tok))
-    except AttributeError:  # older bindings
-        return tok == llm.token_eos()
-
-
-def _stop_overlap(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest tail of `text` that could begin a stop sequence."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best
-
-
-def _generate_sync(
-    llm: Any,
-    req: GenerationRequest,
-    prompt_tokens: list[int],
-    max_new: int,
-    emit: Callable[[str], None],
-    cancel: threading.Event,
-    result: GenerationResult,
-) -> None:
-    """Runs in a worker thread: sample tokens, turn them into text, honour stops."""
-    if req.seed is not None:
-        # Reusing a cached prefix changes batch shapes and so the logits' last bits; a
-        # seeded request must give the same text whatever ran before, so evaluate afresh.
-        llm.reset()
-        llm.set_seed(req.seed)
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    stops = tuple(s for s in req.stop if s)
-    pending = ""
-    generated: list[int] = []
-    t0 = time.perf_counter()
-    t_first: float | None = None
-    finish = "length"
-    if max_new <= 0:
-        result.finish_reason = "length"
-        return
-    for tok in llm.generate(
-        prompt_tokens,
-        temp=req.temperature,
-        top_p=req.top_p,
-        top_k=req.top_k,
-        min_p=req.min_p,
-        repeat_penalty=req.repeat_penalty,
-        reset=True,
-    ):
-        if cancel.is_set():
-            finish = "cancelled"
-            break
-        if _is_eog(llm, tok):
-            finish = "stop"
-            break
-        generated.append(tok)
-        if t_first is None:
-            t_first = time.perf_counter()
-            result.time_to_first_token = t_first - t0
-        pending += decoder.decode(llm.detokenize([tok]))
-        hit = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
-        if hit >= 0:
-            pending = pending[:hit]
-            finish = "stop"
-            break
-        keep = _stop_overlap(pending, stops) if stops else 0
-        out, pending = pending[: len(pending) - keep], pending[len(pending) - keep:]
-        if out:
-            emit(out)
-        if len(generated) >= max_new:
-            finish = "length"
-            break
-    if finish != "cancelled":
-        pending += decoder.decode(b"", final=True)
-        if pending:
-            emit(pending)
-    result.finish_reason = finish
-    result.completion_tokens = len(generated)
-    if t_first is not None and len(generated) > 1:
-        result.tokens_per_s = (len(generated) - 1) / max(1e-9, time.perf_counter() - t_first)

@@ -99,9 +99,10 @@ OPTIONS: list[Option] = [
     Option("api", str, "127.0.0.1:11435", "HTTP API address (OpenAI + Ollama)", metavar="HOST:PORT"),
     Option("api_token", str, "", "bearer token required on the HTTP API; needed to listen beyond loopback", metavar="TOKEN"),
     Option("memory_budget", parse_size, 0, "memory models may use, e.g. 4GiB (default: half the available RAM, or free VRAM)", metavar="SIZE"),
-    Option("ctx_size", int, 4096, "context length (tokens) per model instance", metavar="N"),
-    Option("slots", int, 1, "concurrent generations per model", metavar="N"),
-    Option("queue_size", int, 16, "requests that may wait for a slot, per model; more get 429", metavar="N"),
+    Option("ctx_size", int, 4096, "context length (tokens) of one sequence, i.e. one request", metavar="N"),
+    Option("parallel", int, 0, "sequences per model decoded together (continuous batching); 0: as many as the memory budget holds, up to 8", metavar="N"),
+    Option("slots", int, 0, "older name of --parallel (used when --parallel is not set)", metavar="N"),
+    Option("queue_size", int, 16, "requests that may wait for a free sequence, per model; more get 429", metavar="N"),
     Option("threads", int, 0, "CPU threads for inference (0: all cores)", metavar="N"),
     Option("gpu_layers", int, -2, "layers to offload to the GPU (-1 all, 0 none, -2 auto)", metavar="N"),
     Option("preload", _bool, True, "load the default model at start so the first request is fast", kind="flag"),
@@ -137,7 +138,8 @@ class Config:
     api_token: str = ""
     memory_budget: int = 0
     ctx_size: int = 4096
-    slots: int = 1
+    parallel: int = 0
+    slots: int = 0
     queue_size: int = 16
     threads: int = 0
     gpu_layers: int = -2
@@ -169,6 +171,11 @@ class Config:
     def api_host_port(self) -> tuple[str, int]:
         return parse_hostport(self.api)
 
+    @property
+    def sequences(self) -> int:
+        """Parallel sequences per model; 0: chosen from the memory budget."""
+        return self.parallel or self.slots
+
     def validate(self) -> None:
         host, port = self.api_host_port
         if not (0 <= port <= 65535):
@@ -178,9 +185,11 @@ class Config:
                 f"refusing to serve the API on {host}, beyond this machine, without a token;"
                 " set api_token (QVACD_API_TOKEN or --api-token) or use --api 127.0.0.1:PORT"
             )
-        for name in ("ctx_size", "slots"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1")
+        if self.ctx_size < 1:
+            raise ConfigError("ctx_size must be at least 1")
+        for name in ("parallel", "slots"):
+            if not 0 <= getattr(self, name) <= 256:
+                raise ConfigError(f"{name} must be between 0 (automatic) and 256")
         if self.queue_size < 0:
             raise ConfigError("queue_size must be 0 or more")
         for name in ("relay_max_reservations", "relay_reservation_ttl"):
