@@ -1,12 +1,26 @@
-"""Frames over a libp2p stream: the sans-IO protocol package meets real I/O here."""
+"""Frames over a libp2p stream: the sans-IO protocol package meets real I/O here.
+
+Two ways in, for two kinds of stream:
+- `FrameStream`, one message at a time (the infer protocol): a broken stream is
+  `StreamGone`; anything else a read raises goes up as it is.
+- `read_some`, `write_frame`, `close_stream` (the shard protocol's bulk chunks): reads
+  of BULK_READ_SIZE bytes, every failed read is `StreamEnded`, and a close is bounded
+  and shielded, because it runs in the finally blocks of cancelled transfers.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Protocol
+
+import trio
 
 from protocol import DEFAULT_LIMITS, FrameDecoder, Limits, Message, encode_frame
 
 READ_SIZE = 64 * 1024
+# Bytes asked of the stream per read: larger means fewer awaits and yamux window updates
+# per byte, but FrameDecoder compacts its buffer per frame, which costs more past ~256 KiB.
+BULK_READ_SIZE = 256 << 10
 
 
 class StreamGone(ConnectionError):
@@ -73,3 +87,40 @@ class FrameStream:
             await self.stream.reset()
         except Exception:
             pass
+
+
+# ---- bulk transfers (the shard protocol) -------------------------------------------------
+
+
+class Stream(Protocol):
+    """What the bulk helpers need of a libp2p stream (libp2p's INetStream)."""
+
+    async def read(self, n: int | None = None) -> bytes: ...
+    async def write(self, data: bytes) -> None: ...
+    async def close(self) -> None: ...
+    async def reset(self) -> None: ...
+
+
+class StreamEnded(Exception):
+    """A read failed: the stream was reset or broke (a clean end reads as b"")."""
+
+
+async def read_some(stream: Stream) -> bytes:
+    """Up to BULK_READ_SIZE bytes; b"" at a clean end. StreamEnded on reset or other failure."""
+    try:
+        return await stream.read(BULK_READ_SIZE)
+    except Exception as e:  # noqa: BLE001 - libp2p raises many types for a broken stream
+        if type(e).__name__ == "StreamEOF" or isinstance(e, EOFError):
+            return b""
+        raise StreamEnded(f"{type(e).__name__}: {e}"[:200]) from None
+
+
+async def close_stream(stream: Stream, *, reset: bool = False) -> None:
+    with trio.move_on_after(1) as scope:
+        scope.shield = True  # why: runs in finally blocks of cancelled tasks too
+        with contextlib.suppress(Exception):
+            await (stream.reset() if reset else stream.close())
+
+
+async def write_frame(stream: Stream, msg: Message, limits: Limits) -> None:
+    await stream.write(encode_frame(msg, limits))

@@ -17,8 +17,9 @@ import trio
 
 from models.manifest import Manifest
 from models.store import ModelEntry
-from protocol import ChunkData
-from qvacd.shards import ShardService, _write
+from protocol import SHARD_LIMITS, ChunkData
+from qvacd.p2p_io import write_frame
+from qvacd.services.shard import ShardService
 
 
 class BadShardService(ShardService):
@@ -50,6 +51,6 @@ class BadShardService(ShardService):
         if self.mode != "stall":
             await super()._send_chunk(stream, index, data)
             return
-        await _write(stream, ChunkData(index=index, offset=0, data=data[: 64 * 1024],
-                                       last=False))
+        await write_frame(stream, ChunkData(index=index, offset=0, data=data[: 64 * 1024],
+                                            last=False), SHARD_LIMITS)
         await trio.sleep(3600)  # the service's own chunk timeout ends this eventually

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from protocol import SHARD_PROTOCOL
 from qvacd import cli
 from qvacd import node as node_mod
-from qvacd.shards import Puller, PullOptions
+from qvacd.pull import Puller, PullOptions
 
 _orig_init_network = node_mod.Node._init_network
 

@@ -1,6 +1,6 @@
 """Manifests (models/manifest.py): built from the real default model, cached, and parsed
 strictly (bounded, typed, consistent, canonical); garbage of any shape is a ManifestError.
-Also the puller's partial file (qvacd/shards.PartialFile): what survives a restart."""
+Also the puller's partial file (models/partial.py): what survives a restart."""
 
 from __future__ import annotations
 
@@ -244,7 +244,7 @@ def _pieces(data: bytes, m: Manifest, i: int) -> list[bytes]:
 
 
 def test_partial_file_keeps_only_verified_chunks_across_restarts(tmp_path: Path):
-    from qvacd.shards import PartialFile
+    from models.partial import PartialFile
 
     data = bytes(range(256)) * 1200  # 307200 bytes, 5 chunks
     size = len(data)
