@@ -24,7 +24,8 @@ import httpx
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
+
+from tests.harness import ALL_ROLES, Mesh, install_model_template  # noqa: E402
 
 PROMPT = "Here is a long story about a dragon who learned to cook. Once upon a time,"
 
@@ -75,21 +76,17 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     args = ap.parse_args()
 
-    from test_delegation import ALL, Mesh
-
-    from models.store import ModelStore, install_default_model
-
     work = Path(tempfile.mkdtemp(prefix="qvacd-bench-deleg-"))
     mesh = None
     try:
         tmpl = work / "template"
-        assert install_default_model(ModelStore(tmpl), log=lambda m: None)
+        assert install_model_template(tmpl)
         mesh = Mesh(work, tmpl)
         mesh.add("laptop", "--memory-budget", "64MiB")
         for name in ("desk1", "desk2"):
             mesh.add(name)
-            mesh.trust("laptop", name, ALL)
-            mesh.trust(name, "laptop", ALL)
+            mesh.trust("laptop", name, ALL_ROLES)
+            mesh.trust(name, "laptop", ALL_ROLES)
         desk1 = mesh.start("desk1")
         laptop = mesh.start("laptop", bootstrap=["desk1"])
         mesh.wait_peers("laptop", ["desk1"])

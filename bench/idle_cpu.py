@@ -22,7 +22,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
+
+from tests.harness import Mesh, install_model_template  # noqa: E402
 
 
 def cpu_seconds(pid: int) -> float:
@@ -43,15 +44,11 @@ def main() -> None:
     ap.add_argument("--settle", type=float, default=60)
     args = ap.parse_args()
 
-    from test_delegation import Mesh
-
-    from models.store import ModelStore, install_default_model
-
     work = Path(tempfile.mkdtemp(prefix="qvacd-bench-idle-"))
     mesh = None
     try:
         tmpl = work / "template"
-        assert install_default_model(ModelStore(tmpl), log=lambda m: None)
+        assert install_model_template(tmpl)
         mesh = Mesh(work, tmpl)
         mesh.add("hub", "--no-preload")
         hub = mesh.start("hub")

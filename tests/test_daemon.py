@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from conftest import REPO, free_port
+from tests.harness import REPO, free_port
 
 MODEL = "gemma3-270m"
 

@@ -7,73 +7,18 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import httpx
 import ollama
 import openai
 import pytest
 
-from conftest import Daemon, clone_data_dir, free_port
 from peers.identity import load_or_create_identity
 from peers.trust import TrustStore
+from tests.harness import ALL_ROLES as ALL
+from tests.harness import Daemon, Mesh, free_port
 
 MODEL = "gemma3-270m"
-ALL = ["consumer", "provider", "seeder"]
-
-
-class Mesh:
-    def __init__(self, root: Path, template: Path) -> None:
-        self.root = root
-        self.template = template
-        self.nodes: dict[str, Daemon] = {}
-        self.ids: dict[str, str] = {}
-        self.ports: dict[str, int] = {}
-
-    def add(self, name: str, *args: str) -> None:
-        d = clone_data_dir(self.template, self.root / name)
-        self.ids[name] = load_or_create_identity(d).peer_id_str
-        self.ports[name] = free_port()
-        self.nodes[name] = Daemon(d, *args)
-
-    def trust(self, who: str, whom: str, roles: list[str]) -> None:
-        TrustStore.in_dir(self.root / who).add(self.ids[whom], roles)
-
-    def addr(self, name: str) -> str:
-        return f"/ip4/127.0.0.1/tcp/{self.ports[name]}/p2p/{self.ids[name]}"
-
-    def start(self, name: str, bootstrap: list[str] = ()) -> Daemon:
-        d = self.nodes[name]
-        d.args = [*d.args, "--listen", f"/ip4/127.0.0.1/tcp/{self.ports[name]}",
-                  *[x for b in bootstrap for x in ("--bootstrap", self.addr(b))]]
-        return d.start()
-
-    def wait_peers(self, name: str, others: list[str], timeout: float = 10) -> None:
-        """Until `name` holds verified capacity of every node in `others`."""
-        want = {self.ids[o] for o in others}
-        deadline = time.monotonic() + timeout
-        d = self.nodes[name]
-        while time.monotonic() < deadline:
-            peers = httpx.get(d.api + "/qvac/peers", timeout=5).json()["peers"]
-            have = {p["peer_id"] for p in peers if p.get("capacity")}
-            if want <= have:
-                return
-            time.sleep(0.1)
-        raise TimeoutError(f"{name} did not see {others}")
-
-    def stop_all(self) -> None:
-        for d in self.nodes.values():
-            try:
-                d.stop()
-            except Exception:
-                d.kill()
-
-
-@pytest.fixture
-def mesh(tmp_path: Path, model_template: Path):
-    m = Mesh(tmp_path, model_template)
-    yield m
-    m.stop_all()
 
 
 def small_and_big(mesh: Mesh, *, trusted: bool = True) -> tuple[Daemon, Daemon]:
@@ -215,7 +160,7 @@ def test_misbehaving_provider_is_dropped_and_stream_fails_over(mesh, tmp_path, m
     import subprocess
     import sys
 
-    from conftest import REPO
+    from tests.harness import REPO
 
     sha = json.loads((mesh.template / "models" / "index.json").read_text())[
         "models"][MODEL]["sha256"]

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from conftest import REPO
-from test_delegation import Mesh, mesh  # noqa: F401  (fixture)
+from tests.harness import REPO, Mesh
 
 
 def capacity_seen(d, peer_id: str) -> dict | None:
@@ -22,7 +21,7 @@ def capacity_seen(d, peer_id: str) -> dict | None:
     return None
 
 
-def test_three_daemons_find_each_other_and_see_changes(mesh: Mesh, tmp_path: Path):  # noqa: F811
+def test_three_daemons_find_each_other_and_see_changes(mesh: Mesh, tmp_path: Path):
     for name in ("a", "b", "c"):
         mesh.add(name, "--no-preload")
     mesh.start("a")

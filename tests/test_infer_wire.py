@@ -11,7 +11,6 @@ import multiaddr
 import trio
 from libp2p.peer.peerinfo import info_from_p2p_addr
 
-from conftest import Daemon, clone_data_dir, free_port
 from peers.host import make_host
 from peers.identity import Identity, load_or_create_identity
 from peers.trust import TrustStore
@@ -27,6 +26,7 @@ from protocol import (
     encode_frame,
     encode_varint,
 )
+from tests.harness import Daemon, clone_data_dir, free_port
 
 MODEL = "gemma3-270m"
 

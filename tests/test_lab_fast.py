@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.lab import netns
+from tests.harness import namespaces
 
 
 def _why_not() -> str | None:
@@ -46,15 +47,9 @@ needs_lab = pytest.mark.skipif(WHY is not None, reason=f"mesh lab: {WHY}")
 
 
 def _leftovers(pid: int) -> list[str]:
-    out = [ln.split()[0] for ln in subprocess.run(["ip", "netns", "list"], capture_output=True,
-                                                  text=True, check=False).stdout.splitlines()
-           if re.match(rf"^qlab{pid}[a-z]", ln)]
-    for ln in subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True,
-                             check=False).stdout.splitlines():
-        parts = ln.split(":")
-        if len(parts) > 1 and re.match(rf"^qlab{pid}[a-z]", parts[1].strip()):
-            out.append(parts[1].strip())
-    return out
+    """Namespaces and links of the lab run by `pid` (its names: qlab<pid><letter>...)."""
+    return [name for name in namespaces.list_namespaces() + namespaces.list_links()
+            if re.match(rf"^qlab{pid}[a-z]", name)]
 
 
 def _lab(*args: str) -> subprocess.Popen:

