@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from peers.device import DeviceInfo
 from peers.identity import Identity
-from peers.network import NetworkLimits, PeerNetwork
+from peers import NetworkLimits, PeerNetwork
 from peers.records import CapacityRecord, ModelInfo
 
 DEVICE = DeviceInfo("cpu", "bench", 8 << 30, 4 << 30)

@@ -47,6 +47,17 @@ class IdentityError(Exception):
     """The identity (or another key file) is missing, unreadable or corrupt."""
 
 
+def short_peer_id(peer_id: str | ID) -> str:
+    """The first 16 characters of a peer id, as log lines print it (every Ed25519 id
+    starts "12D3KooW", so this keeps 8 that tell peers apart)."""
+    return str(peer_id)[:16]
+
+
+def as_id(peer_id: str | ID) -> ID:
+    """`peer_id` as a libp2p ID (base58 strings are parsed)."""
+    return peer_id if isinstance(peer_id, ID) else ID.from_base58(peer_id)
+
+
 @dataclass(frozen=True)
 class Identity:
     keypair: KeyPair

@@ -76,7 +76,7 @@ class Node:
 
     def _init_network(self) -> None:
         from peers.device import detect_device
-        from peers.network import NetworkError, NetworkLimits, PeerNetwork
+        from peers import NetworkError, NetworkLimits, PeerNetwork
         from peers.relay import RelayError, RelayOptions
         from protocol import INFER_PROTOCOL, SHARD_PROTOCOL
 

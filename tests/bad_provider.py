@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from peers.device import DeviceInfo  # noqa: E402
 from peers.identity import load_or_create_identity  # noqa: E402
-from peers.network import PeerNetwork  # noqa: E402
+from peers import PeerNetwork  # noqa: E402
 from peers.records import CapacityRecord, ModelInfo  # noqa: E402
 from peers.trust import TrustStore  # noqa: E402
 from protocol import INFER_PROTOCOL, Accepted, Token, encode_frame  # noqa: E402

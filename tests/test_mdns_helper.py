@@ -23,7 +23,7 @@ import trio
 from test_network_support import FakeCapacity
 
 from peers.identity import Identity
-from peers.network import PeerNetwork
+from peers import PeerNetwork
 
 
 def emit(**obj: object) -> None:

@@ -24,7 +24,7 @@ from test_network_support import DEVICE, LOOPBACK, FakeCapacity, make_net, raw_e
 from peers.dht import placement_target
 from peers.host import make_host
 from peers.identity import Identity
-from peers.network import CapacityError, NetworkLimits, PeerNetwork, PeerUnavailable
+from peers import CapacityError, NetworkLimits, PeerNetwork, PeerUnavailable
 from peers.records import CapacityRecord, capacity_key, sign_record
 from protocol import (
     CapacityRequest,
@@ -360,7 +360,7 @@ async def test_port_in_use_and_bad_addresses_are_one_line_errors() -> None:
     import socket
 
     from peers.host import HostError
-    from peers.network import NetworkError
+    from peers import NetworkError
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -387,7 +387,7 @@ async def test_port_in_use_and_bad_addresses_are_one_line_errors() -> None:
 
 
 async def test_broken_capacity_source_is_a_clear_startup_error() -> None:
-    from peers.network import NetworkError
+    from peers import NetworkError
 
     def broken() -> CapacityRecord:
         raise RuntimeError("engine not ready")

@@ -11,7 +11,8 @@ from libp2p.custom_types import TProtocol
 from peers.device import DeviceInfo
 from peers.host import Host
 from peers.identity import Identity
-from peers.network import NetworkLimits, PeerNetwork, read_message
+from peers import NetworkLimits, PeerNetwork
+from peers._streams import read_message
 from peers.records import CapacityRecord, ModelInfo
 from protocol import CAPACITY_PROTOCOL, FrameDecoder, Message, limits_for
 

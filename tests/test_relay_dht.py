@@ -12,7 +12,7 @@ from test_network_support import LOOPBACK, FakeCapacity, wait_until
 
 from peers.dht import RELAY_KEY_SHA256
 from peers.identity import Identity
-from peers.network import PeerNetwork
+from peers import PeerNetwork
 from peers.relay import RelayOptions
 
 

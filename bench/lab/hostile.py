@@ -38,7 +38,7 @@ from zeroconf import IPVersion, ServiceInfo, Zeroconf
 from peers.device import DeviceInfo
 from peers.identity import load_or_create_identity
 from peers.mdns import SERVICE_TYPE
-from peers.network import PeerNetwork
+from peers import PeerNetwork
 from peers.records import CapacityRecord, ModelInfo
 from protocol import (
     CAPACITY_PROTOCOL,
