@@ -534,12 +534,13 @@ def build_app(node: Any) -> Starlette:
         })
 
     async def api_pull_route(request: Request) -> Response:
-        if node.puller is None:
+        puller = node.puller
+        if puller is None:
             return JSONResponse({"error": "model pulls need the P2P side; start without --no-p2p"},
                                 status_code=503)
-        from .pull_api import api_pull
+        from .pull_api import api_pull  # only nodes with a P2P side load the pull machinery
 
-        return await api_pull(request, node)
+        return await api_pull(request, puller)
 
     async def api_version(request: Request) -> Response:
         return JSONResponse({"version": __version__})

@@ -6,12 +6,9 @@ runs that no nursery owns and nothing is left behind.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import signal
 import time
-from pathlib import Path
 from typing import Any
 
 import trio
@@ -25,6 +22,7 @@ from peers.trust import TrustError, TrustStore
 from . import __version__
 from .api import build_app
 from .config import Config
+from .daemon_file import remove_daemon_file, write_daemon_file
 from .metrics import Metrics
 from .router import Router
 
@@ -60,7 +58,7 @@ class Node:
             raise StartupError(str(e)) from e
         gpu_layers = None if config.gpu_layers == -2 else config.gpu_layers
         self.engine = Engine(self.store, EngineConfig(
-            n_ctx=config.ctx_size, memory_budget=config.memory_budget, slots=config.slots,
+            n_ctx=config.ctx_size, memory_budget=config.memory_budget, parallel=config.sequences,
             queue_size=config.queue_size, n_threads=config.threads, gpu_layers=gpu_layers))
         self.metrics = Metrics()
         self.metrics.on_scrape(self._refresh_gauges)
@@ -70,7 +68,7 @@ class Node:
         self.network: Any = None  # peers.PeerNetwork once the P2P side is up
         self.api_bound: str | None = None
         self.device: Any = None
-        self.puller: Any = None  # qvacd.shards.Puller once the P2P side is up
+        self.puller: Any = None  # qvacd.pull.Puller once the P2P side is up
         if config.p2p:
             self._init_network()
 
@@ -81,8 +79,9 @@ class Node:
         from protocol import INFER_PROTOCOL, SHARD_PROTOCOL
 
         from .delegation import RemoteInference
-        from .infer_service import InferService, PeerQuota
-        from .shards import Puller, ShardService
+        from .pull import Puller
+        from .services.infer import InferService, PeerQuota
+        from .services.shard import ShardService
 
         self.device = detect_device()
         cfg = self.config
@@ -218,6 +217,7 @@ class Node:
         app = build_app(self)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_signals, nursery.cancel_scope)
+            await nursery.start(self.engine.run)  # owns the model threads
             if self.network is not None:
                 try:
                     await nursery.start(self.network.run)
@@ -284,20 +284,11 @@ class Node:
                 return
 
     def _write_runtime_file(self) -> None:
-        """Tells the CLI where this daemon's API is (pid too, to spot stale files)."""
-        path = self.config.data_dir / "daemon.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"pid": os.getpid(), "api": self.api_bound,
-                                   "peer_id": self.node_id}))
-        os.replace(tmp, path)
+        """Tells the CLI where this daemon's API is (qvacd/daemon_file.py)."""
+        write_daemon_file(self.config.data_dir, api=self.api_bound, peer_id=self.node_id)
 
     def remove_runtime_file(self) -> None:
-        path = self.config.data_dir / "daemon.json"
-        try:
-            if json.loads(path.read_text()).get("pid") == os.getpid():
-                path.unlink()
-        except (OSError, ValueError):
-            pass
+        remove_daemon_file(self.config.data_dir)
 
 
 def _mem_available() -> int | None:
@@ -309,12 +300,3 @@ def _mem_available() -> int | None:
     except OSError:
         pass
     return None
-
-
-def runtime_api(data_dir: Path) -> str | None:
-    try:
-        info = json.loads((data_dir / "daemon.json").read_text())
-        os.kill(int(info["pid"]), 0)
-        return str(info["api"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None

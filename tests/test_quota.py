@@ -2,7 +2,7 @@
 against real daemons in test_infer_wire.py and test_delegation.py)."""
 
 from protocol import ErrorCode
-from qvacd.infer_service import PeerQuota
+from qvacd.services.infer import PeerQuota
 
 
 def test_concurrent_streams_limit():

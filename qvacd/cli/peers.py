@@ -1,10 +1,10 @@
-"""`qvacd trust ...` and `qvacd mesh ...`: who may do what with this node.
+"""`qvacd peers`, `qvacd trust ...` and `qvacd mesh ...`: who is out there, and who may do
+what with this node.
 
-Both work on files in the data dir (trust.json, mesh.json, mesh-owner.key) and never talk
-to a running daemon: the daemon's stores re-read those files when they change, so edits
-take effect without a restart.
-
-Wired into the parser by qvacd.cli.build_parser() through `add_peer_commands`.
+`peers` asks the running daemon (its peer table, through DaemonClient). `trust` and
+`mesh` work on files in the data dir by design (trust.json, mesh.json, mesh-owner.key)
+and never talk to a running daemon: the daemon's stores re-read those files when they
+change, so edits take effect without a restart, and they work with no daemon running.
 """
 
 from __future__ import annotations
@@ -19,29 +19,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-_ROLE_HELP = (
-    "comma-separated roles: consumer (may send us inference requests), provider (we may "
-    "send it our prompts), seeder (may fetch model shards from us)"
-)
+from .client import DaemonClient
+from .common import CliError, data_dir_of
 
 
 class _Fail(Exception):
-    """A one-line error from this module; turned into qvacd.cli.CliError by _command."""
-
-
-def _cli_error(message: str) -> Exception:
-    """The CliError that the running `main` catches.
-
-    Under `python -m qvacd.cli` the running module is `__main__`, and `import qvacd.cli`
-    would load a second copy whose CliError `main` does not catch, so prefer `__main__`'s.
-    """
-    main_mod = sys.modules.get("__main__")
-    spec = getattr(main_mod, "__spec__", None)
-    if spec is not None and spec.name == "qvacd.cli" and hasattr(main_mod, "CliError"):
-        return main_mod.CliError(message)  # type: ignore[union-attr]
-    from .cli import CliError
-
-    return CliError(message)
+    """A one-line error from this module; turned into CliError by _command."""
 
 
 def _command(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -55,10 +38,10 @@ def _command(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
         try:
             return fn(args)
         except (_Fail, TrustError, MeshError, IdentityError) as exc:
-            raise _cli_error(" ".join(str(exc).split())) from exc
+            raise CliError(" ".join(str(exc).split())) from exc
         except OSError as exc:
             where = f" {exc.filename}" if exc.filename else ""
-            raise _cli_error(
+            raise CliError(
                 f"cannot access{where} ({exc.strerror or exc}); check the data dir's "
                 f"permissions and free space"
             ) from exc
@@ -69,12 +52,6 @@ def _command(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
 
 
 # ---- helpers --------------------------------------------------------------------------
-
-
-def _data_dir(args: argparse.Namespace) -> Path:
-    from .config import default_data_dir
-
-    return Path(args.data_dir) if getattr(args, "data_dir", None) else default_data_dir()
 
 
 def _roles(text: str | None) -> frozenset[str]:
@@ -199,6 +176,42 @@ def _print_rows(header: list[str], rows: list[list[str]]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)).rstrip())
 
 
+# ---- peers ----------------------------------------------------------------------------
+
+
+def cmd_peers(args: argparse.Namespace) -> int:
+    peers = DaemonClient.for_args(args).get_json("/qvac/peers")["peers"]
+    if args.json:
+        print(json.dumps(peers, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table("peer", "trust", "roles", "models", "slots", "tok/s", "rtt ms", "path",
+              "served", "failed", "verified")
+    for p in peers:
+        cap = p.get("capacity") or {}
+        models = ",".join(m.get("name", "?") for m in cap.get("models", [])) or "-"
+        tps = cap.get("tokens_per_s") or {}
+        # the current path's own numbers when it has them (delegated tok/s, RTT)
+        here = (p.get("paths") or {}).get(p.get("path") or "") or {}
+        rtt = here.get("rtt_ms") if here.get("rtt_ms") is not None else p.get("rtt_ms")
+        path = p.get("path") or "-"
+        if here.get("tokens_per_s"):
+            path += f" ({here['tokens_per_s']:.0f} tok/s)"
+        age = p.get("verified_age_s")
+        t.add_row(p["peer_id"][:14] + "…", "yes" if p.get("trusted") else "no",
+                  ",".join(p.get("roles", [])) or "-", models,
+                  f"{cap.get('slots_free', '-')}/{cap.get('slots_total', '-')}",
+                  f"{max(tps.values()):.0f}" if tps else "-",
+                  f"{rtt:.1f}" if isinstance(rtt, (int, float)) else "-",
+                  path,
+                  str(p.get("served", 0)), str(p.get("failed", 0)),
+                  f"{age:.0f}s ago" if isinstance(age, (int, float)) else "-")
+    Console(width=None if sys.stdout.isatty() else 160).print(t)
+    return 0
+
+
 # ---- trust ----------------------------------------------------------------------------
 
 
@@ -206,7 +219,7 @@ def _print_rows(header: list[str], rows: list[list[str]]) -> None:
 def cmd_trust_add(args: argparse.Namespace) -> int:
     from peers.trust import TrustStore
 
-    data_dir = _data_dir(args)
+    data_dir = data_dir_of(args)
     pid = _peer_id(args.peer_id)
     roles = _roles(args.roles)
     try:
@@ -231,7 +244,7 @@ def cmd_trust_add(args: argparse.Namespace) -> int:
 def cmd_trust_rm(args: argparse.Namespace) -> int:
     from peers.trust import TrustStore
 
-    data_dir = _data_dir(args)
+    data_dir = data_dir_of(args)
     pid = _peer_id(args.peer_id)
     drop = _roles(args.roles) if args.roles is not None else None
     store = TrustStore.in_dir(data_dir)
@@ -261,7 +274,7 @@ def cmd_trust_list(args: argparse.Namespace) -> int:
 
     from peers.trust import TrustStore
 
-    data_dir = _data_dir(args)
+    data_dir = data_dir_of(args)
     store = TrustStore.in_dir(data_dir)
     entries = store.list()
     mesh = _mesh(data_dir)
@@ -299,7 +312,7 @@ def cmd_mesh_init(args: argparse.Namespace) -> int:
     from peers.mesh import owner_id
 
     days = _days(args.days)
-    data_dir = _data_dir(args)
+    data_dir = data_dir_of(args)
     own = _own_peer_id(data_dir, create=True)
     mesh = _mesh(data_dir, own)
     owner = mesh.init(days=days)  # type: ignore[arg-type]
@@ -326,7 +339,7 @@ def cmd_mesh_invite(args: argparse.Namespace) -> int:
     pid = _peer_id(args.peer_id)
     roles = _roles(args.roles)
     days = _days(args.days)
-    mesh = _mesh(_data_dir(args))
+    mesh = _mesh(data_dir_of(args))
     text = mesh.invite(pid, roles, days)
     c = parse_certificate(text)
     print(text)  # only the certificate on stdout, so it can be piped to `mesh join -`
@@ -347,7 +360,7 @@ def cmd_mesh_join(args: argparse.Namespace) -> int:
         if not text.strip():
             raise _Fail("no certificate on stdin; pipe in the string `qvacd mesh invite` printed")
     text = text.strip()
-    data_dir = _data_dir(args)
+    data_dir = data_dir_of(args)
     own = _own_peer_id(data_dir, create=True)
     mesh = _mesh(data_dir, own)
     cert = mesh.join(text)
@@ -359,7 +372,7 @@ def cmd_mesh_join(args: argparse.Namespace) -> int:
 
 @_command
 def cmd_mesh_revoke(args: argparse.Namespace) -> int:
-    mesh = _mesh(_data_dir(args))
+    mesh = _mesh(data_dir_of(args))
     what = mesh.revoke(args.target)
     print(f"revoked {what} on this device; revocations are not shared, so run the same"
           " command on every device of the mesh")
@@ -370,7 +383,7 @@ def cmd_mesh_revoke(args: argparse.Namespace) -> int:
 def cmd_mesh_leave(args: argparse.Namespace) -> int:
     from peers.mesh import owner_id
 
-    mesh = _mesh(_data_dir(args))
+    mesh = _mesh(data_dir_of(args))
     owner = mesh.owner_key
     if owner is None and mesh.own_certificate is None:
         print("this device is in no mesh; nothing to leave")
@@ -423,7 +436,7 @@ def _mesh_status(data_dir: Path) -> dict[str, Any]:
 
 @_command
 def cmd_mesh_status(args: argparse.Namespace) -> int:
-    st = _mesh_status(_data_dir(args))
+    st = _mesh_status(data_dir_of(args))
     if args.json:
         print(json.dumps(st, indent=2))
         return 0
@@ -462,7 +475,7 @@ def cmd_mesh_status(args: argparse.Namespace) -> int:
 def cmd_mesh_list(args: argparse.Namespace) -> int:
     import time
 
-    mesh = _mesh(_data_dir(args))
+    mesh = _mesh(data_dir_of(args))
     if not mesh.is_owner:
         raise _Fail(f"this device holds no mesh owner key ({mesh.owner_key_path}); only the"
                     " device that ran `qvacd mesh init` keeps the list of issued certificates")
@@ -477,74 +490,3 @@ def cmd_mesh_list(args: argparse.Namespace) -> int:
                 [[str(r["serial"]), str(r["peer_id"]), _roles_str(r["roles"]),
                   str(r["expires"]), r["state"]] for r in rows])
     return 0
-
-
-# ---- parser ---------------------------------------------------------------------------
-
-
-def add_peer_commands(sub: Any, add_data_dir_arg: Callable[[argparse.ArgumentParser], Any]
-                      ) -> None:
-    """Add `trust` and `mesh` to the top-level subparsers `sub`."""
-    t = sub.add_parser(
-        "trust", help="who may use this node, and whom it may use (trust.json)"
-    ).add_subparsers(dest="trust_cmd", required=True, metavar="ACTION")
-
-    s = t.add_parser("add", help="trust a peer with roles (added to the roles it has)")
-    s.add_argument("peer_id", metavar="PEERID", help="the id `qvacd id` prints on that device")
-    s.add_argument("--roles", default=None, help=_ROLE_HELP + " (required)")
-    s.add_argument("--note", default=None, help="a reminder of which device this is")
-    add_data_dir_arg(s)
-    s.set_defaults(fn=cmd_trust_add)
-
-    s = t.add_parser("list", help="list trusted peers")
-    s.add_argument("--json", action="store_true")
-    add_data_dir_arg(s)
-    s.set_defaults(fn=cmd_trust_list)
-
-    s = t.add_parser("rm", help="remove a peer, or only some of its roles")
-    s.add_argument("peer_id", metavar="PEERID")
-    s.add_argument("--roles", default=None, help=_ROLE_HELP + " (default: all)")
-    add_data_dir_arg(s)
-    s.set_defaults(fn=cmd_trust_rm)
-
-    m = sub.add_parser(
-        "mesh", help="admit devices with certificates signed by one owner key"
-    ).add_subparsers(dest="mesh_cmd", required=True, metavar="ACTION")
-
-    s = m.add_parser("init", help="create a mesh owner key on this device")
-    s.add_argument("--days", default="365",
-                   help="validity of this device's own certificate (default 365)")
-    add_data_dir_arg(s)
-    s.set_defaults(fn=cmd_mesh_init)
-
-    s = m.add_parser("invite", help="sign a certificate for a peer (printed alone on stdout)")
-    s.add_argument("peer_id", metavar="PEERID", help="the id `qvacd id` prints on that device")
-    s.add_argument("--roles", default=None, help=_ROLE_HELP + " (required)")
-    s.add_argument("--days", required=True, help="how many days the certificate is valid")
-    add_data_dir_arg(s)
-    s.set_defaults(fn=cmd_mesh_invite)
-
-    s = m.add_parser("join", help="join a mesh with a certificate made for this device")
-    s.add_argument("cert", metavar="CERT", help="the string `qvacd mesh invite` printed, or - for"
-                   " stdin")
-    add_data_dir_arg(s)
-    s.set_defaults(fn=cmd_mesh_join)
-
-    s = m.add_parser("revoke", help="refuse a peer's or a certificate's mesh membership here")
-    s.add_argument("target", metavar="PEERID|SERIAL")
-    add_data_dir_arg(s)
-    s.set_defaults(fn=cmd_mesh_revoke)
-
-    s = m.add_parser("leave", help="forget the mesh owner and this device's certificate")
-    add_data_dir_arg(s)
-    s.set_defaults(fn=cmd_mesh_leave)
-
-    s = m.add_parser("status", help="mesh owner, this device's certificate, revocations")
-    s.add_argument("--json", action="store_true")
-    add_data_dir_arg(s)
-    s.set_defaults(fn=cmd_mesh_status)
-
-    s = m.add_parser("list", help="certificates issued on this (owner) device, with serials")
-    s.add_argument("--json", action="store_true")
-    add_data_dir_arg(s)
-    s.set_defaults(fn=cmd_mesh_list)

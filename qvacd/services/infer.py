@@ -30,7 +30,7 @@ from protocol import (
     Token,
 )
 
-from .p2p_io import FrameStream, StreamGone
+from ..p2p_io import FrameStream, StreamGone
 
 log = logging.getLogger("qvacd.infer")
 
