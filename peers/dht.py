@@ -68,18 +68,6 @@ PROVIDE_BATCH = 8
 PROVIDE_WINDOW_S = 10.5
 
 
-class _DropNormalStreamEnd(logging.Filter):
-    """py-libp2p 0.8.1 logs every DHT stream that its peer closed normally as a WARNING
-    ("Failed to read DHT message from stream: " with an empty error), several per lookup.
-    Drop exactly that line; real read errors carry a message and still get through."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.getMessage() != "Failed to read DHT message from stream: "
-
-
-logging.getLogger("libp2p.kad_dht.kad_dht").addFilter(_DropNormalStreamEnd())
-
-
 # Relays announce themselves as providers of this well-known key (its sha256 stands in
 # for a model's): nodes behind NAT look relays up with find_providers(RELAY_KEY_SHA256).
 RELAY_KEY_SHA256 = hashlib.sha256(b"/qvac/relay/1").hexdigest()

@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from peers.identity import short_peer_id
+
 log = logging.getLogger("qvacd.peers.guard")
 
 # Offence weights: how much each kind of misbehaviour adds to a score.
@@ -87,8 +89,9 @@ class PeerGuard:
         if peer is not None and not self.is_trusted(peer):
             if self._add(self._peers, peer, weight, now):
                 banned = True
-                log.warning("banned peer %s for %.0f s after repeated %s offences",
-                            peer, self._peers[peer].banned_until - now, kind)
+                log.warning("banned peer %s for %.0f s after repeated %s offences; closing"
+                            " its connections", short_peer_id(peer),
+                            self._peers[peer].banned_until - now, kind)
                 self.on_ban(peer)
         # why the IP exceptions: behind NAT a trusted peer may share the offender's address
         trusted_peer = peer is not None and self.is_trusted(peer)

@@ -29,7 +29,8 @@ from libp2p.peer.id import ID
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 
-from ._swarm_fix import apply_inbound_slot_fix
+from peers._libp2p_logs import demote_expected_libp2p_errors
+from peers._swarm_fix import apply_inbound_slot_fix
 
 log = logging.getLogger("qvacd.peers.host")
 
@@ -152,7 +153,9 @@ def make_host(
     *,
     connection_config: ConnectionConfig | None = None,
 ) -> Host:
-    """A not-yet-running host for `keypair`: TCP + Noise + yamux, inbound-slot fix applied."""
+    """A not-yet-running host for `keypair`: TCP + Noise + yamux, inbound-slot fix applied
+    (and the library's expected-event errors demoted to DEBUG: peers/_libp2p_logs.py)."""
+    demote_expected_libp2p_errors()
     maddrs = _parse_addrs(listen_addrs or DEFAULT_LISTEN)
     # why max_connections_per_peer=1: the library otherwise dials extra connections and
     # waits for them; connect drops from ~250 ms to ~7 ms.

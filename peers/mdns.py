@@ -175,7 +175,8 @@ class MdnsService:
             with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT_S) as scope:
                 await trio.to_thread.run_sync(self._close, zc, browser, abandon_on_cancel=True)
             if scope.cancelled_caught:
-                log.warning("zeroconf did not close within %.0f s", CLOSE_TIMEOUT_S)
+                log.warning("zeroconf did not close within %.0f s; left its thread to finish"
+                            " on its own", CLOSE_TIMEOUT_S)
             self.zc = None
 
     @staticmethod

@@ -424,7 +424,8 @@ class RelayService:
             if not ok and res.source == "dht" and res.failures >= _DHT_RELAY_MAX_FAILURES:
                 # A relay found in the DHT that keeps failing is dropped: the search
                 # (below) picks another one. --relay ones are kept, as configured.
-                log.warning("relay: dropping DHT-found relay %s after %d failed attempts (%s)",
+                log.warning("relay: dropping DHT-found relay %s after %d failed attempts (%s);"
+                            " the DHT relay search picks another when one is needed",
                             res.relay, res.failures, res.error or res.state)
                 if self._reservations.get(res.relay) is res:
                     del self._reservations[res.relay]

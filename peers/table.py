@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from peers.identity import short_peer_id
 from peers.records import CapacityRecord
 
 log = logging.getLogger("qvacd.peers.table")
@@ -124,7 +125,8 @@ class PeerTable:
         try:
             return frozenset(self.trust.roles_of(peer_id))
         except Exception as exc:  # why: a broken trust file must not break listing peers
-            log.warning("trust lookup for %s failed: %s", peer_id, exc)
+            log.warning("trust lookup for peer %s failed: %s; treating it as untrusted",
+                        short_peer_id(peer_id), exc)
             return frozenset()
 
     def is_trusted(self, peer_id: str, role: str | None = None) -> bool:

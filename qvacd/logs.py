@@ -7,10 +7,13 @@ both `qvacd start` and tests can use without importing the command line.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 
-# Libraries that are chatty at INFO; held at WARNING unless --log-level debug.
+# Libraries that are chatty at INFO; held at WARNING unless --log-level debug. py-libp2p's
+# expected events that it logs at WARNING/ERROR anyway (a dial to a gone peer, a reset
+# stream) are demoted to DEBUG where they are known: peers/_libp2p_logs.py.
 NOISY_LOGGERS = ("libp2p", "hypercorn", "multiaddr", "async_service")
 
 
@@ -33,6 +36,23 @@ def setup_logging(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
-    if level != "debug":  # libp2p and hypercorn are chatty at info
-        for noisy in NOISY_LOGGERS:
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+    _adopt_libp2p_logger()
+    for noisy in NOISY_LOGGERS:  # libp2p and hypercorn are chatty at info
+        logging.getLogger(noisy).setLevel(logging.NOTSET if level == "debug" else logging.WARNING)
+
+
+def _adopt_libp2p_logger() -> None:
+    """Send py-libp2p's records through our handler like everyone else's.
+
+    why: `import libp2p` configures its own "libp2p" logger once: no handler, level
+    WARNING, propagate off. Its warnings and errors then bypassed our format and went
+    to stderr bare through logging's last-resort handler (the mesh lab's floods of
+    "MultiselectClient handshake: read failed"), and its DEBUG lines never showed, even
+    at --log-level debug. Import it first so what we set here is not undone later.
+    With LIBP2P_DEBUG set the operator asked for the library's own logging (its file and
+    format); leave it alone then."""
+    if os.environ.get("LIBP2P_DEBUG"):
+        return
+    import libp2p  # noqa: F401
+
+    logging.getLogger("libp2p").propagate = True

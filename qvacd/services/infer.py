@@ -94,7 +94,8 @@ class InferService:
             log.info("peer %s sent a bad frame: %s", peer_id[:16], e)
             await _try_send(io, Error.from_exception(e))
         except Exception:
-            log.exception("infer handler failed for %s", peer_id[:16])
+            log.exception("infer handler failed for peer %s; answered INTERNAL and closed the"
+                          " stream", peer_id[:16])
             await _try_send(io, Error(ErrorCode.INTERNAL, "provider error; try another peer"))
         finally:
             self._count(peer_id, outcome)

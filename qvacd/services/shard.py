@@ -178,7 +178,8 @@ class ShardService:
                 outcome = "gone"  # the peer reset or went away mid-chunk
                 log.debug("shard stream to %s ended: %s", peer_id, e)
             else:
-                log.exception("shard handler failed for %s", peer_id)
+                log.exception("shard handler failed for peer %s; answered INTERNAL and reset"
+                              " the stream", peer_id[:16])
                 with contextlib.suppress(Exception), trio.move_on_after(1):
                     await _write(stream, Error(ErrorCode.INTERNAL, "seeder error; try another"
                                                " peer"))
