@@ -19,19 +19,28 @@ from __future__ import annotations
 
 import logging
 import types
-from typing import Any
+from typing import Any, Protocol
 
 import trio
-from libp2p.abc import IMuxedConn
+from libp2p.abc import IMuxedConn, INetwork
 from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.network.swarm import Swarm
 
 log = logging.getLogger("qvacd.peers.swarm_fix")
 
 _ORIGINAL = Swarm._do_handle_inbound_connection
-# Attribute of a patched swarm holding the admission policy: an object with
-# allow_inbound_ip(ip) -> bool, allow_peer(peer_id) -> bool and offence(kind, ip=...).
+# Attribute of a patched swarm holding the admission policy (an InboundPolicy).
 POLICY_ATTR = "_qvac_inbound_policy"
+
+
+class InboundPolicy(Protocol):
+    """What the patched accept path asks before and after the handshake (peers.guard)."""
+
+    def allow_inbound_ip(self, ip: str) -> bool: ...
+
+    def allow_peer(self, peer: str) -> bool: ...
+
+    def offence(self, kind: str, *, peer: str | None = None, ip: str | None = None) -> bool: ...
 
 
 def _remote_ip(read_write_closer: Any) -> str | None:
@@ -116,7 +125,7 @@ async def _do_handle_inbound_connection(
     await wait_conn_closed(self, muxed_conn)
 
 
-def apply_inbound_slot_fix(swarm: Any) -> None:
+def apply_inbound_slot_fix(swarm: INetwork) -> None:
     """Patch one swarm instance; idempotent. Logs and does nothing on an unknown swarm."""
     if getattr(swarm, _MARK, False):
         return
@@ -132,6 +141,6 @@ def apply_inbound_slot_fix(swarm: Any) -> None:
     setattr(swarm, _MARK, True)
 
 
-def set_inbound_policy(swarm: Any, policy: Any) -> None:
+def set_inbound_policy(swarm: INetwork, policy: InboundPolicy) -> None:
     """Install an admission policy on a patched swarm (see POLICY_ATTR)."""
     setattr(swarm, POLICY_ATTR, policy)

@@ -22,9 +22,12 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from peers.identity import short_peer_id
+
+if TYPE_CHECKING:
+    import trio
 
 log = logging.getLogger("qvacd.peers.guard")
 
@@ -165,7 +168,7 @@ class PeerGuard:
         safe = self.trusted_ips()
         return [k for k, s in self._ips.items() if s.banned_until > now and k not in safe]
 
-    def ip_banned_event(self) -> Any:
+    def ip_banned_event(self) -> trio.Event:
         """A trio.Event set at the next IP ban (a new one after each)."""
         return self._ip_ban.event()
 
@@ -184,9 +187,9 @@ class _Signal:
     """A re-armable trio.Event, created lazily (the guard is built outside trio)."""
 
     def __init__(self) -> None:
-        self._event: Any = None
+        self._event: trio.Event | None = None
 
-    def event(self) -> Any:
+    def event(self) -> trio.Event:
         import trio
 
         if self._event is None or self._event.is_set():

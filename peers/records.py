@@ -22,7 +22,7 @@ import math
 import re
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -439,7 +439,7 @@ class RecordValidator(Validator):
     one stored under another peer's key; select() picks the valid record with the highest
     seq, whatever the order of `values` (KadDHT passes [existing, new] on PUT)."""
 
-    def __init__(self, clock: Any = time.time) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
 
     @staticmethod
