@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 from starlette.applications import Starlette
@@ -27,9 +27,16 @@ from starlette.routing import Route
 
 from models.chat import ChatError, normalize_messages
 from models.engine import EngineError, GenerationRequest, GenerationResult
+from models.store import ModelEntry, ModelStore
 
 from . import __version__
-from .metrics import CONTENT_TYPE
+from .local_engine import LocalEngine
+from .metrics import CONTENT_TYPE, Metrics
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .pull_api import ModelPuller
+    from .router import RoutedGeneration, Router
 
 SERVED_BY = "X-Qvac-Served-By"
 LOCAL_ONLY = "x-qvac-local-only"
@@ -41,6 +48,36 @@ _STATUS_FOR = {
 }
 _OPENAI_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                 429: "rate_limit_error", 503: "service_unavailable", 500: "server_error"}
+
+
+class ServedNode(Protocol):
+    """What the HTTP API needs of the daemon (qvacd.node.Node)."""
+
+    @property
+    def engine(self) -> LocalEngine: ...
+
+    @property
+    def store(self) -> ModelStore: ...
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+    @property
+    def router(self) -> Router: ...
+
+    @property
+    def puller(self) -> ModelPuller | None:
+        """None on a node without the P2P side (--no-p2p)."""
+        ...
+
+    @property
+    def config(self) -> Config: ...
+
+    def available_models(self) -> list[ModelEntry]: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    def peers_snapshot(self) -> list[dict[str, Any]]: ...
 
 
 class ApiError(Exception):
@@ -84,7 +121,7 @@ def field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], defaul
           *, lo: float | None = None, hi: float | None = None, where: str = "") -> Any:
     """Typed, ranged access to a JSON field; a 400 that names the field otherwise."""
     label = f"{where}{name}"
-    v = body.get(name, _MISSING)
+    v: Any = body.get(name, _MISSING)
     if v is _MISSING or v is None:
         if default is _MISSING:
             raise ApiError(400, f"'{label}' is required", param=label)
@@ -261,7 +298,7 @@ def error_response(e: ApiError, shape: ErrorBody) -> JSONResponse:
 class InferenceResponse(Response):
     """Runs one routed generation and writes it as a stream or as one JSON body."""
 
-    def __init__(self, node: Any, req: GenerationRequest, fmt: Format, *, stream: bool,
+    def __init__(self, node: ServedNode, req: GenerationRequest, fmt: Format, *, stream: bool,
                  local_only: bool, error_shape: ErrorBody, endpoint: str) -> None:
         self.node = node
         self.req = req
@@ -302,7 +339,7 @@ class InferenceResponse(Response):
             {"type": "http"}, _no_receive, send)
         return e.status
 
-    async def _write(self, gen: Any, send: Any, t0: float) -> None:
+    async def _write(self, gen: RoutedGeneration, send: Any, t0: float) -> None:
         metrics = self.node.metrics
         headers = [(b"content-type", self.fmt.media_type.encode() if self.stream
                     else b"application/json"),
@@ -348,7 +385,8 @@ async def _no_receive() -> dict[str, Any]:
 def _local_only(request: Request, body: dict[str, Any]) -> bool:
     if request.headers.get(LOCAL_ONLY, "").strip().lower() in ("1", "true", "yes"):
         return True
-    opts = body.get("options") if isinstance(body.get("options"), dict) else {}
+    options = body.get("options")
+    opts = options if isinstance(options, dict) else {}
     return bool(body.get("local_only") is True or opts.get("local_only") is True)
 
 
@@ -367,7 +405,7 @@ def _max_tokens(body: dict[str, Any], *names: str, default: int | None) -> int |
     return default
 
 
-def build_app(node: Any) -> Starlette:
+def build_app(node: ServedNode) -> Starlette:
     engine = node.engine
     store = node.store
 
@@ -460,7 +498,7 @@ def build_app(node: Any) -> Starlette:
             stop=stop_list(opts.get("stop"), "options.stop"),
         )
 
-    def ollama_details(entry: Any) -> dict[str, Any]:
+    def ollama_details(entry: ModelEntry) -> dict[str, Any]:
         info = entry.info
         return {"parent_model": "", "format": "gguf", "family": info.get("architecture", ""),
                 "families": [info.get("architecture", "")],

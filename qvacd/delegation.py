@@ -13,9 +13,10 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -36,6 +37,12 @@ from protocol import (
 
 from .p2p_io import FrameStream, StreamGone
 from .router import RoutedGeneration
+
+if TYPE_CHECKING:
+    from peers import PeerTable
+    from peers.records import CapacityRecord, ModelInfo
+
+    from .metrics import Metrics
 
 log = logging.getLogger("qvacd.delegation")
 
@@ -66,11 +73,31 @@ class PeerFailed(Exception):
         self.misbehaved = misbehaved  # garbage frames or a stall, not a crash
 
 
+class DelegationNetwork(Protocol):
+    """What delegation needs of the peer network (peers.PeerNetwork)."""
+
+    @property
+    def table(self) -> PeerTable: ...
+
+    def peer_path(self, peer: str) -> tuple[str | None, str | None]:
+        """("direct" | "relayed" | None, relay peer id) of our connection to `peer`."""
+        ...
+
+    def stream_path(self, stream: Any) -> str:
+        """"direct" or "relayed": the connection this stream runs over."""
+        ...
+
+    async def open_stream(self, peer_id: str, protocol_id: str, timeout: float = ...
+                          ) -> Any: ...
+
+    async def fetch_capacity(self, peer_id: str, timeout: float | None = ...) -> Any: ...
+
+
 @dataclass
 class Candidate:
     peer_id: str
     score: tuple
-    record: Any
+    record: CapacityRecord
 
 
 class _Attempt:
@@ -94,8 +121,8 @@ class _Attempt:
 
 
 class RemoteInference:
-    def __init__(self, node_id: str, network: Any, *, metrics: Any = None,
-                 stall_timeout: float = STALL_TIMEOUT_S) -> None:
+    def __init__(self, node_id: str, network: DelegationNetwork, *,
+                 metrics: Metrics | None = None, stall_timeout: float = STALL_TIMEOUT_S) -> None:
         self.node_id = node_id
         self.network = network
         self.metrics = metrics
@@ -103,14 +130,14 @@ class RemoteInference:
 
     # ---- choosing peers ---------------------------------------------------------------
 
-    def _holds(self, record: Any, model: str) -> Any:
+    def _holds(self, record: CapacityRecord, model: str) -> ModelInfo | None:
         want = normalize_name(model)
         for m in record.models:
             if normalize_name(m.name) == want or m.sha256 == want:
                 return m
         return None
 
-    def candidates(self, model: str, exclude: set[str] = frozenset()) -> list[Candidate]:
+    def candidates(self, model: str, exclude: AbstractSet[str] = frozenset()) -> list[Candidate]:
         table = self.network.table
         now = time.time()
         out = []
@@ -127,7 +154,7 @@ class RemoteInference:
             # The current path's own numbers when it has any: tokens/s measured on
             # streams delegated over it, RTT of capacity exchanges over it.
             path = self._path(e.peer_id)
-            stats = getattr(e, "paths", {}).get(path) if path else None
+            stats = e.paths.get(path) if path else None
             rtt = e.rtt_ms
             if stats is not None:
                 tps = stats.tokens_per_s or tps
@@ -143,19 +170,16 @@ class RemoteInference:
 
     def _path(self, peer: str) -> str | None:
         """"direct", "relayed", or None (not connected yet: a dial prefers direct)."""
-        path = getattr(self.network, "peer_path", None)
-        return path(peer)[0] if path is not None else None
+        return self.network.peer_path(peer)[0]
 
     def _record_rate(self, attempt: _Attempt) -> None:
-        """Keep the decode rate a delegated stream had, under the path it used."""
-        record = getattr(self.network.table, "record_path", None)
+        """Keep the decode rate a delegated stream had, under the path the stream itself
+        ran over (one opened before a hole punch stays relayed)."""
         rate = attempt.decode_rate()
-        if rate is None or record is None:
+        if rate is None:
             return
-        stream_path = getattr(self.network, "stream_path", None)
-        path = (stream_path(attempt.io.stream) if stream_path is not None
-                else self._path(attempt.peer))
-        record(attempt.peer, path, tokens_per_s=rate)
+        path = self.network.stream_path(attempt.io.stream)
+        self.network.table.record_path(attempt.peer, path, tokens_per_s=rate)
 
     def has_candidates(self, model: str) -> bool:
         return bool(self.candidates(model))
@@ -391,7 +415,7 @@ class RemoteInference:
                 raise PeerFailed(peer, "accepted twice")
 
 
-async def _shielded(fn: Any) -> None:
+async def _shielded(fn: Callable[[], Awaitable[None]]) -> None:
     """Close a stream even while being cancelled: an unclosed stream would keep the
     provider generating for nobody."""
     with trio.CancelScope(shield=True), trio.move_on_after(2):

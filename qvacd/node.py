@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -25,6 +25,13 @@ from .config import Config
 from .daemon_file import remove_daemon_file, write_daemon_file
 from .metrics import Metrics
 from .router import Router
+
+if TYPE_CHECKING:
+    from peers import PeerNetwork
+    from peers.device import DeviceInfo
+    from peers.records import CapacityRecord
+
+    from .pull import Puller
 
 log = logging.getLogger("qvacd.node")
 
@@ -65,10 +72,10 @@ class Node:
         self.node_id = self.identity.peer_id_str
         self.router = Router(self.node_id, self.engine, delegate=config.delegate,
                              overflow=config.overflow)
-        self.network: Any = None  # peers.PeerNetwork once the P2P side is up
+        self.network: PeerNetwork | None = None  # once the P2P side is up (not --no-p2p)
         self.api_bound: str | None = None
-        self.device: Any = None
-        self.puller: Any = None  # qvacd.pull.Puller once the P2P side is up
+        self.device: DeviceInfo | None = None
+        self.puller: Puller | None = None  # with the network
         if config.p2p:
             self._init_network()
 
@@ -120,7 +127,7 @@ class Node:
     def _may_consume(self, peer_id: str) -> bool:
         return self.config.public_donor or self.trust.is_trusted(peer_id, "consumer")
 
-    def capacity_record(self) -> Any:
+    def capacity_record(self) -> CapacityRecord:
         """This node's current capacity, unsigned (the network signs and sequences it)."""
         from peers.device import DeviceInfo
         from peers.records import CapacityRecord, ModelInfo
@@ -222,13 +229,14 @@ class Node:
                 try:
                     await nursery.start(self.network.run)
                 except Exception as e:
-                    err = e
+                    err: BaseException = e
                     while isinstance(err, BaseExceptionGroup):
                         err = err.exceptions[0]
                     raise StartupError(f"cannot start the P2P side on {self.config.listen}:"
                                        f" {err}; pick another --listen port") from e
-                nursery.start_soon(self._watch_local_state)
-                await nursery.start(self.puller.run)
+                nursery.start_soon(self._watch_local_state, self.network)
+                if self.puller is not None:  # always, with the network
+                    await nursery.start(self.puller.run)
             if self.config.preload and self.config.default_model:
                 nursery.start_soon(self._preload)
             try:
@@ -248,7 +256,7 @@ class Node:
                      self.node_id)
             task_status.started(self)
 
-    async def _watch_local_state(self) -> None:
+    async def _watch_local_state(self, network: PeerNetwork) -> None:
         """Changes made by the CLI in another process (models added, trust, mesh
         certificates seen on peers) reach the running daemon within a second."""
         seen = self.store.generation
@@ -259,10 +267,10 @@ class Node:
                 if self.store.generation != seen:
                     seen = self.store.generation
                     log.info("model store changed; republishing capacity")
-                    self.network.capacity_changed()
+                    network.capacity_changed()
             except StoreError as e:
                 log.warning("%s", e)
-            for entry in list(self.network.table):
+            for entry in list(network.table):
                 rec = entry.record
                 if rec is not None and rec.certificates:
                     try:

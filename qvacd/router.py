@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any
+from contextlib import AbstractAsyncContextManager
+from typing import Protocol
 
-from models.engine import Engine, EngineError, GenerationRequest, GenerationResult
+from models.engine import EngineError, GenerationRequest, GenerationResult
+
+from .local_engine import LocalEngine
 
 
 class RoutedGeneration:
@@ -25,9 +28,18 @@ class RoutedGeneration:
         return self._pieces
 
 
+class RemoteGenerator(Protocol):
+    """What the router needs of the peer side (qvacd.delegation.RemoteInference)."""
+
+    def has_candidates(self, model: str) -> bool: ...
+
+    def generate(self, req: GenerationRequest, *, local_reason: EngineError | None = None
+                 ) -> AbstractAsyncContextManager[RoutedGeneration]: ...
+
+
 class Router:
-    def __init__(self, node_id: str, engine: Engine, *, delegate: str = "auto",
-                 overflow: bool = True, remote: Any = None) -> None:
+    def __init__(self, node_id: str, engine: LocalEngine, *, delegate: str = "auto",
+                 overflow: bool = True, remote: RemoteGenerator | None = None) -> None:
         self.node_id = node_id
         self.engine = engine
         self.delegate = delegate

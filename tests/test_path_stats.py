@@ -32,6 +32,23 @@ class Net:
     def peer_path(self, peer: str) -> tuple[str | None, str | None]:
         return self.paths.get(peer), "R" if self.paths.get(peer) == "relayed" else None
 
+    def stream_path(self, stream: FakeStream) -> str:
+        return "relayed" if self.paths.get(stream.peer) == "relayed" else "direct"
+
+
+class FakeStream:
+    """A stream to `peer`; Net says which path it runs over."""
+
+    def __init__(self, peer: str) -> None:
+        self.peer = peer
+
+
+class FakeFrames:
+    """Stands in for the FrameStream of an attempt: only its `stream` is looked at."""
+
+    def __init__(self, peer: str) -> None:
+        self.stream = FakeStream(peer)
+
 
 def setup(tps1: float, tps2: float) -> tuple[Net, RemoteInference]:
     net = Net()
@@ -97,7 +114,7 @@ def test_paths_are_shown_and_bounded_to_known_paths() -> None:
 
 def test_decode_rate_of_a_stream_is_filed_under_its_path() -> None:
     net, ri = setup(1.0, 1.0)
-    a = _Attempt(P1, io=None, state=None)  # type: ignore[arg-type]
+    a = _Attempt(P1, io=FakeFrames(P1), state=None)  # type: ignore[arg-type]
     assert a.decode_rate() is None  # no tokens
     a.tokens, a.first_token, a.last_token = 3, 10.0, 11.0
     assert a.decode_rate() is None  # too short to tell

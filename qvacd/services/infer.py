@@ -15,11 +15,12 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict, deque
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import trio
 
-from models.engine import Engine, EngineError, GenerationRequest
+from models.engine import EngineError, GenerationRequest
 from protocol import (
     Accepted,
     Done,
@@ -30,7 +31,11 @@ from protocol import (
     Token,
 )
 
+from ..local_engine import LocalEngine
 from ..p2p_io import FrameStream, StreamGone
+
+if TYPE_CHECKING:
+    from ..metrics import Metrics
 
 log = logging.getLogger("qvacd.infer")
 
@@ -69,14 +74,14 @@ class PeerQuota:
 
 
 class InferService:
-    def __init__(self, engine: Engine, *, is_authorized: Any, quota: PeerQuota,
-                 metrics: Any = None) -> None:
+    def __init__(self, engine: LocalEngine, *, is_authorized: Callable[[str], bool],
+                 quota: PeerQuota, metrics: Metrics | None = None) -> None:
         self.engine = engine
         self.is_authorized = is_authorized  # (peer_id) -> bool
         self.quota = quota
         self.metrics = metrics
         # (kind, stream, peer) -> banned?: misbehaviour goes to the network's guard
-        self.on_offence: Any = lambda kind, stream, peer: False
+        self.on_offence: Callable[[str, Any, str], bool] = lambda kind, stream, peer: False
 
     def _count(self, peer: str, outcome: str) -> None:
         if self.metrics is not None:
