@@ -27,12 +27,11 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from conftest import clone_data_dir
-
 from bench.lab import nat
 from bench.lab.nat import NsNode
 from peers.identity import load_or_create_identity
 from peers.trust import TrustStore
+from tests.harness import clone_data_dir
 
 MODEL = "gemma3-270m"
 
