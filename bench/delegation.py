@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,7 +23,7 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.harness import ALL_ROLES, Mesh, install_model_template  # noqa: E402
+from tests.harness import ALL_ROLES, temporary_mesh  # noqa: E402
 
 PROMPT = "Here is a long story about a dragon who learned to cook. Once upon a time,"
 
@@ -76,12 +74,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     args = ap.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="qvacd-bench-deleg-"))
-    mesh = None
-    try:
-        tmpl = work / "template"
-        assert install_model_template(tmpl)
-        mesh = Mesh(work, tmpl)
+    with temporary_mesh("qvacd-bench-deleg-") as mesh:
         mesh.add("laptop", "--memory-budget", "64MiB")
         for name in ("desk1", "desk2"):
             mesh.add(name)
@@ -133,10 +126,6 @@ def main() -> None:
             mesh.nodes[state["victim"]].start()  # back for the next round
             wait_connected(laptop.api, mesh.ids[state["victim"]])
         print(f"failover gap, worst: {max(gaps) * 1e3:.0f} ms  (goal < 1000 ms)")
-    finally:
-        if mesh:
-            mesh.stop_all()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.harness import Mesh, install_model_template  # noqa: E402
+from tests.harness import temporary_mesh  # noqa: E402
 
 
 def cpu_seconds(pid: int) -> float:
@@ -44,12 +42,7 @@ def main() -> None:
     ap.add_argument("--settle", type=float, default=60)
     args = ap.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="qvacd-bench-idle-"))
-    mesh = None
-    try:
-        tmpl = work / "template"
-        assert install_model_template(tmpl)
-        mesh = Mesh(work, tmpl)
+    with temporary_mesh("qvacd-bench-idle-") as mesh:
         mesh.add("hub", "--no-preload")
         hub = mesh.start("hub")
         time.sleep(3)  # let start-up work finish
@@ -68,10 +61,6 @@ def main() -> None:
               f" over {args.seconds:.0f} s")
         print(f"idle node with {args.peers} peers, settled:          {settled:.2f}% of one core"
               f" over {args.seconds:.0f} s  (goal < 1%)")
-    finally:
-        if mesh:
-            mesh.stop_all()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from tests.harness.daemons import (
     stop_all,
     wait_http,
 )
-from tests.harness.mesh import ALL_ROLES, Mesh
+from tests.harness.mesh import ALL_ROLES, Mesh, temporary_mesh
 
 __all__ = [
     "ALL_ROLES",
@@ -33,5 +33,6 @@ __all__ = [
     "install_model_template",
     "preload_settled",
     "stop_all",
+    "temporary_mesh",
     "wait_http",
 ]

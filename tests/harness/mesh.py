@@ -1,17 +1,28 @@
 """Several named daemons on 127.0.0.1 that know each other's peer ids and p2p ports
 before they start, so one can bootstrap to another and each can trust the others.
 
-Used by tests/test_delegation.py and by bench/delegation.py and bench/idle_cpu.py.
+Used by tests/test_delegation.py and tests/test_discovery.py (the `mesh` fixture), and
+by bench/delegation.py and bench/idle_cpu.py (`temporary_mesh`).
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 
-from tests.harness.daemons import Daemon, clone_data_dir, free_port, stop_all
+from tests.harness.daemons import (
+    Daemon,
+    clone_data_dir,
+    free_port,
+    install_model_template,
+    stop_all,
+)
 
 ALL_ROLES = ["consumer", "provider", "seeder"]
 
@@ -62,3 +73,21 @@ class Mesh:
 
     def stop_all(self) -> None:
         stop_all(self.nodes.values())
+
+
+@contextmanager
+def temporary_mesh(prefix: str) -> Iterator[Mesh]:
+    """A Mesh in a fresh temporary dir, the default model registered as its template;
+    on the way out every daemon is stopped and the dir removed (a bench's lifetime)."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    mesh = None
+    try:
+        template = work / "template"
+        assert install_model_template(template), "the default model is not installed:" \
+            " pip install '.[model]'"
+        mesh = Mesh(work, template)
+        yield mesh
+    finally:
+        if mesh:
+            mesh.stop_all()
+        shutil.rmtree(work, ignore_errors=True)
