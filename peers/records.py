@@ -100,6 +100,10 @@ class CapacityRecord:
     slots_free: int = 0
     queue_len: int = 0
     tokens_per_s: Mapping[str, float] = field(default_factory=dict)  # model sha256 -> tok/s
+    # All sequences together over the last seconds (continuous batching): with
+    # slots_total/slots_free (parallel sequences), how busy the node is and how much it
+    # delivers. Optional on the wire: records of older nodes lack it (read as 0).
+    aggregate_tokens_per_s: float = 0.0
     addrs: tuple[str, ...] = ()  # multiaddrs
     roles: tuple[str, ...] = ()  # what this node offers: "provider", "seeder", ...
     certificates: tuple[str, ...] = ()  # mesh certificates it holds
@@ -167,6 +171,7 @@ def _encode_body(r: CapacityRecord) -> bytes:
             "slots_free": r.slots_free,
             "queue_len": r.queue_len,
             "tokens_per_s": {k: float(v) for k, v in r.tokens_per_s.items()},
+            "aggregate_tokens_per_s": float(r.aggregate_tokens_per_s),
             "addrs": list(r.addrs),
             "roles": list(r.roles),
             "certificates": list(r.certificates),
@@ -294,6 +299,8 @@ def _decode_body(body: bytes) -> CapacityRecord:
         slots_free=_get(m, "slots_free", int),
         queue_len=_get(m, "queue_len", int),
         tokens_per_s=tps,
+        aggregate_tokens_per_s=(_get(m, "aggregate_tokens_per_s", float)
+                                if "aggregate_tokens_per_s" in m else 0.0),
         addrs=_str_list(m, "addrs", MAX_ADDRS, MAX_ADDR_LEN),
         roles=roles,
         certificates=_str_list(m, "certificates", MAX_CERTIFICATES, MAX_CERT_LEN),

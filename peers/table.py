@@ -370,6 +370,7 @@ def record_to_json(rec: CapacityRecord, now: float | None = None) -> dict[str, A
         "slots_free": rec.slots_free,
         "queue_len": rec.queue_len,
         "tokens_per_s": dict(rec.tokens_per_s),
+        "aggregate_tokens_per_s": rec.aggregate_tokens_per_s,
         "addrs": list(rec.addrs),
         "roles": list(rec.roles),
         "version": rec.version,

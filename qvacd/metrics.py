@@ -27,7 +27,12 @@ class Metrics:
             registry=r,
         )
         self.queue_length = Gauge("qvacd_queue_length", "Requests waiting for a slot", registry=r)
-        self.slots_free = Gauge("qvacd_slots_free", "Free generation slots", registry=r)
+        self.slots_free = Gauge("qvacd_slots_free", "Free parallel sequences", registry=r)
+        self.sequences = Gauge("qvacd_parallel_sequences",
+                               "Parallel sequences of the models known to the engine", registry=r)
+        self.aggregate_tps = Gauge("qvacd_aggregate_tokens_per_second",
+                                   "Tokens/s generated over the last 10 s, all sequences",
+                                   registry=r)
         self.peer_requests = Counter(
             "qvacd_peer_requests", "Requests delegated to peers", ["peer", "outcome"], registry=r
         )

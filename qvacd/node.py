@@ -146,7 +146,8 @@ class Node:
         return CapacityRecord.issue(
             self.node_id, 0, dev, memory_budget=eng["memory_budget"], models=models,
             slots_total=eng["slots_total"], slots_free=eng["slots_free"],
-            queue_len=eng["queue"], tokens_per_s=tps, roles=("provider", "seeder"),
+            queue_len=eng["queue"], tokens_per_s=tps,
+            aggregate_tokens_per_s=eng["aggregate_tokens_per_s"], roles=("provider", "seeder"),
             certificates=tuple(self.mesh.certificates_to_present())[:4], version=__version__)
 
     # ---- views used by the API -----------------------------------------------------
@@ -158,6 +159,8 @@ class Node:
         st = self.engine.status()
         self.metrics.queue_length.set(st["queue"])
         self.metrics.slots_free.set(st["slots_free"])
+        self.metrics.sequences.set(st["slots_total"])
+        self.metrics.aggregate_tps.set(st["aggregate_tokens_per_s"])
 
     def available_models(self) -> list[ModelEntry]:
         return self.store.list()
@@ -173,6 +176,7 @@ class Node:
                 "memory_estimate": self.engine.memory_needed(e),
                 "fits_budget": self.engine.fits(e),
                 "tokens_per_s": self.engine.tokens_per_s().get(e.sha256),
+                "parallel": self.engine.parallel_for(e),
                 **{k: e.info.get(k) for k in ("architecture", "parameters", "quantization",
                                                 "context_length")},
             })
@@ -187,6 +191,8 @@ class Node:
             "memory_used": eng["memory_used"],
             "slots_total": eng["slots_total"],
             "slots_free": eng["slots_free"],
+            "parallel": eng["parallel"],
+            "aggregate_tokens_per_s": eng["aggregate_tokens_per_s"],
             "queue": eng["queue"],
             "queue_limit": eng["queue_limit"],
             "n_ctx": eng["n_ctx"],
