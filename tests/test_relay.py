@@ -315,14 +315,16 @@ def test_pull_through_relay_refused_when_too_big_then_works_with_room(
 
 
 def test_relay_share_rule_without_namespaces(tmp_path: Path) -> None:
-    """The pull's rule for relayed providers (qvacd/shards.py, above _RelayPlan), on
+    """The pull's rule for relayed providers (qvacd/pull/relay_plan.py), on
     real Circuit records: each relayed provider carries at most what its circuit has
     left, shares add up, a direct provider is unlimited, a circuit about to end is not
     used, and a pull nothing can carry is refused with the size, the limit, what to do."""
     from models.manifest import Manifest
     from models.store import ModelStore
     from peers.relay import Circuit
-    from qvacd.shards import _RELAY_RESERVE, Puller, PullError, _Download
+    from qvacd.pull import Puller, PullError
+    from qvacd.pull.download import Download
+    from qvacd.pull.relay_plan import RELAY_RESERVE
 
     mib = 1 << 20
     m = Manifest(sha256="ab" * 32, size=100 * mib, chunk_size=4 * mib,
@@ -341,8 +343,8 @@ def test_relay_share_rule_without_namespaces(tmp_path: Path) -> None:
 
     puller = Puller(ModelStore(tmp_path), Net(), trust=None)
 
-    def plan(*peers: str) -> tuple[dict, _Download]:
-        dl = _Download(key="k", target=MODEL, from_peer=None)
+    def plan(*peers: str) -> tuple[dict, Download]:
+        dl = Download(key="k", target=MODEL, from_peer=None)
         return puller._plan_relays(dl, m, list(peers), MODEL, m.size), dl
 
     # one relayed provider, 64 MiB per circuit: refused, nothing planned
@@ -359,10 +361,10 @@ def test_relay_share_rule_without_namespaces(tmp_path: Path) -> None:
     plans, dl = plan("p1", "p2")
     assert set(plans) == {"p1", "p2"} and not dl.dropped
     share = plans["p1"].allowance
-    assert share == int((64 * mib - _RELAY_RESERVE) / 1.02)
+    assert share == int((64 * mib - RELAY_RESERVE) / 1.02)
     # ... each only up to its share: the chunk that would pass it is refused
     charged = 0
-    while (got := puller._charge(plans, "p1", 4 * mib))[1] is None:
+    while (got := puller.relays.charge(plans, "p1", 4 * mib))[1] is None:
         charged += 4 * mib
     assert charged <= share < charged + 4 * mib
     assert "share" in got[1] and "is fetched" in got[1]
@@ -382,4 +384,4 @@ def test_relay_share_rule_without_namespaces(tmp_path: Path) -> None:
     circuits["p2"] = Circuit("p2", "R", 0, 0)
     plans, _ = plan("p2")
     assert plans["p2"].allowance is None
-    assert puller._charge(plans, "p2", 4 * mib) == (plans["p2"], None)
+    assert puller.relays.charge(plans, "p2", 4 * mib) == (plans["p2"], None)
