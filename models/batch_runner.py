@@ -462,8 +462,8 @@ class BatchRunner:
             for s in gen + feeding:
                 llama_cpp.llama_memory_seq_rm(self._mem, s.seq_id, len(s.cached), -1)
             if ret == 1:  # no KV slot for the batch: shrink it, as llama-server does
-                if feeding and prompt_budget > 1:
-                    prompt_budget //= 2
+                if feeding and n - len(gen) > 1:
+                    prompt_budget = (n - len(gen)) // 2  # half the prompt tokens it held
                     log.info("no KV slot for a %d-token step; retrying with prompt chunks"
                              " of at most %d tokens", n, prompt_budget)
                     continue
