@@ -17,6 +17,7 @@ from __future__ import annotations
 from peers._errors import CapacityError, NetworkError, PeerUnavailable
 from peers._limits import NetworkLimits
 from peers._network import PeerNetwork
+from peers._streams import peer_ended_stream
 from peers.host import Host, HostError, make_host
 from peers.identity import short_peer_id
 from peers.table import PeerEntry, PeerTable
@@ -32,5 +33,6 @@ __all__ = [
     "PeerTable",
     "PeerUnavailable",
     "make_host",
+    "peer_ended_stream",
     "short_peer_id",
 ]

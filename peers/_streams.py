@@ -5,8 +5,9 @@ without waiting long, say which path the stream took, and contain a handler's fa
 services qvacd adds: infer, shard): an exception that escaped a handler into py-libp2p
 would tear down the whole connection, so it ends at the stream. A peer that resets or
 closes its stream mid-request (it gave up, was killed, lost its network) is routine in
-a mesh: one INFO line, no traceback. Anything else is a fault here and is logged with
-its traceback.
+a mesh: one INFO line, no traceback. `peer_ended_stream` tells it apart, inside an
+exception group or as qvacd's StreamGone too, so a service may let it rise to here.
+Anything else is a fault here and is logged with its traceback.
 """
 
 from __future__ import annotations
@@ -34,6 +35,21 @@ _READ_CHUNK = 64 * 1024
 # are all StreamError (an IOException, like RawConnError); the muxer's own errors are
 # MuxedStreamError / MuxedConnError.
 STREAM_GONE: tuple[type[Exception], ...] = (IOException, MuxedStreamError, MuxedConnError)
+
+
+def peer_ended_stream(exc: BaseException) -> BaseException | None:
+    """The error in `exc` that says the peer reset or closed the stream, or its connection
+    went away, when that is all `exc` says; None for anything else (a fault here).
+
+    Besides py-libp2p's own (STREAM_GONE), a ConnectionError counts: the builtin family
+    (a reset, a broken pipe) and qvacd's StreamGone, which wraps the libp2p error. An
+    exception group (a nursery wraps what its body and tasks raise) counts when every
+    error in it does, trio.Cancelled aside.
+    """
+    if isinstance(exc, BaseExceptionGroup):
+        found = [peer_ended_stream(e) for e in exc.exceptions if not isinstance(e, trio.Cancelled)]
+        return found[0] if found and all(f is not None for f in found) else None
+    return exc if isinstance(exc, (*STREAM_GONE, ConnectionError)) else None
 
 
 async def read_message(stream: INetStream, decoder: FrameDecoder) -> Message:
@@ -82,18 +98,20 @@ def contain_handler_errors(
         peer = stream.muxed_conn.peer_id.to_base58()
         try:
             await handler(stream, peer)
-        except STREAM_GONE as exc:
-            log.info(
-                "peer %s ended its %s stream mid-request (%s: %s); dropped the stream",
-                short_peer_id(peer), protocol_id, type(exc).__name__, str(exc)[:120] or "-",
-            )
-            await close_quietly(stream, reset=True)
-        except Exception:
-            # why: an exception escaping here would tear down the whole connection
-            log.exception(
-                "handler for %s from peer %s failed; reset the stream",
-                protocol_id, short_peer_id(peer),
-            )
+        except Exception as exc:
+            gone = peer_ended_stream(exc)
+            if gone is not None:
+                log.info(
+                    "peer %s ended its %s stream mid-request (%s: %s); dropped the stream",
+                    short_peer_id(peer), protocol_id, type(gone).__name__,
+                    str(gone)[:120] or "-",
+                )
+            else:
+                # why: an exception escaping here would tear down the whole connection
+                log.exception(
+                    "handler for %s from peer %s failed; reset the stream",
+                    protocol_id, short_peer_id(peer),
+                )
             await close_quietly(stream, reset=True)
 
     return wrapped

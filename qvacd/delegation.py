@@ -22,6 +22,7 @@ import trio
 
 from models.engine import EngineError, GenerationRequest, GenerationResult, fmt_bytes
 from models.store import normalize_name
+from peers import short_peer_id
 from protocol import (
     INFER_PROTOCOL,
     Accepted,
@@ -368,7 +369,10 @@ class RemoteInference:
                     except PeerFailed as e2:
                         self._failed(e2)
                 if nxt is None:
-                    log.warning("no peer left to resume %s; ending the stream", req.model)
+                    log.warning("peer %s failed mid-answer and no peer is left to resume %s"
+                                " after %d characters; ended the client's stream with"
+                                " finish_reason error", short_peer_id(attempt.peer),
+                                req.model, len(resume))
                     result.finish_reason = "error"
                     return
                 log.info("resuming on %s after %d characters", nxt.peer[:16], len(resume))

@@ -266,16 +266,21 @@ class Node:
         """Changes made by the CLI in another process (models added, trust, mesh
         certificates seen on peers) reach the running daemon within a second."""
         seen = self.store.generation
+        store_error: str | None = None  # the last one logged: said once, not every 0.5 s
         while True:
             await trio.sleep(0.5)
             try:
                 self.store.reload()
+                store_error = None
                 if self.store.generation != seen:
                     seen = self.store.generation
                     log.info("model store changed; republishing capacity")
                     network.capacity_changed()
             except StoreError as e:
-                log.warning("%s", e)
+                if str(e) != store_error:
+                    log.warning("%s; serving the models read before, and reading the index"
+                                " again every 0.5 s", e)
+                store_error = str(e)
             for entry in list(network.table):
                 rec = entry.record
                 if rec is not None and rec.certificates:

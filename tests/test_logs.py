@@ -1,21 +1,26 @@
 """What the daemon's logs hold: py-libp2p's chatter only at --log-level debug, its
 expected-event errors demoted, real errors kept, and a peer that resets a stream
-mid-request logged as one INFO line without a traceback."""
+mid-request (capacity, or infer while tokens stream) logged as one INFO line without a
+traceback."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from types import SimpleNamespace
 
 import pytest
+import trio
 from libp2p.custom_types import TProtocol
 from libp2p.network.stream.exceptions import StreamReset
 from test_network_support import make_net
 
+from models.engine import GenerationRequest, GenerationResult
 from peers._libp2p_logs import demote_expected_libp2p_errors
-from protocol import CAPACITY_PROTOCOL
+from protocol import CAPACITY_PROTOCOL, INFER_PROTOCOL, InferRequest, encode_frame
 from qvacd.logs import NOISY_LOGGERS, setup_logging
+from qvacd.services.infer import InferService, PeerQuota
 
 YAMUX = "libp2p.stream_muxer.yamux.yamux"
 MULTISELECT = "libp2p.protocol_muxer.multiselect_client"
@@ -130,3 +135,68 @@ async def test_a_failing_handler_is_logged_with_its_traceback(
     [rec] = [r for r in caplog.records if r.name.startswith("qvacd")]
     assert rec.levelno == logging.ERROR and rec.exc_info is not None
     assert "reset the stream" in rec.getMessage() and stream.was_reset
+
+
+class _ResetMidAnswer(_ResetStream):
+    """An infer stream whose consumer sends its request, takes the first frames, then
+    resets: the write of a later Token raises what py-libp2p raises."""
+
+    def __init__(self, peer_id: object, request: bytes, writes_ok: int) -> None:
+        super().__init__(peer_id)
+        self.unread = request
+        self.writes_ok = writes_ok
+
+    async def read(self, n: int | None = None) -> bytes:
+        if self.unread:
+            data, self.unread = self.unread, b""
+            return data
+        await trio.sleep_forever()  # the consumer says nothing after its request
+        raise AssertionError("unreachable")
+
+    async def write(self, data: bytes) -> None:
+        if self.writes_ok == 0:
+            raise StreamReset("stream reset by remote")
+        self.writes_ok -= 1
+
+
+class _Pieces:
+    result = GenerationResult(prompt_tokens=1)
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        for i in range(8):
+            yield f" piece{i}"
+            await trio.lowlevel.checkpoint()
+
+
+class _Engine:
+    @contextlib.asynccontextmanager
+    async def generate(self, req: GenerationRequest) -> AsyncIterator[_Pieces]:
+        yield _Pieces()
+
+
+@pytest.mark.parametrize("writes_ok", [0, 2], ids=["before-accepted", "mid-answer"])
+async def test_consumer_resetting_an_infer_stream_is_one_info_line(
+    caplog: pytest.LogCaptureFixture, writes_ok: int,
+) -> None:
+    """Also when the reset hits a Token write inside the streaming nursery, whose
+    exception group once reached the log as "infer handler failed" with a traceback."""
+    net, _ = make_net()
+    peer, _ = make_net()
+    service = InferService(_Engine(), is_authorized=lambda p: True,  # type: ignore[arg-type]
+                           quota=PeerQuota(4, 10**6))
+    net.set_stream_handler(INFER_PROTOCOL, service.handle)
+    handler = net.host.libp2p.get_mux().handlers[TProtocol(INFER_PROTOCOL)]
+    request = encode_frame(InferRequest(model="m", prompt="p", max_tokens=8,
+                                        deadline_ms=10_000))
+    stream = _ResetMidAnswer(peer.peer_id, request, writes_ok)
+    caplog.set_level(logging.DEBUG, logger="qvacd")
+    with trio.fail_after(10):
+        await handler(stream)  # type: ignore[arg-type]
+    ours = [r for r in caplog.records if r.name.startswith("qvacd") and r.levelno >= logging.INFO]
+    assert len(ours) == 1, [r.getMessage() for r in ours]
+    [rec] = ours
+    assert rec.levelno == logging.INFO and rec.exc_info is None
+    msg = rec.getMessage()
+    assert peer.peer_id_str[:16] in msg and INFER_PROTOCOL in msg
+    assert "StreamReset" in msg and "dropped the stream" in msg
+    assert stream.was_reset

@@ -80,7 +80,8 @@ class Download:
             try:
                 fn(ev)
             except Exception:  # noqa: BLE001 - a broken subscriber must not stop the download
-                plog.exception("pull progress subscriber failed")
+                plog.exception("pull of %s: a progress subscriber failed; the download goes"
+                               " on and keeps calling it", self.name or self.target)
 
 
 __all__ = ["Download"]

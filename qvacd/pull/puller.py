@@ -235,7 +235,8 @@ class Puller:
         except PullError as e:
             dl.error = e
         except Exception as e:  # noqa: BLE001 - reported with its traceback, then as a 500
-            plog.exception("pull of %s failed", dl.target)
+            plog.exception("pull of %s failed on an unexpected error; ended it with a 500 for"
+                           " every client waiting on it", dl.target)
             dl.error = PullError(500, f"pull of {dl.target} failed: {type(e).__name__}: {e}")
         finally:
             self.metrics.pull_active.dec()
@@ -247,7 +248,11 @@ class Puller:
                     g.remove(label)
             self._active.pop(dl.key, None)
             if dl.error is not None:
-                plog.warning("pull of %s failed: %s", dl.target, dl.error.message)
+                # a cancelled pull (499: nobody waits for it any more, or the daemon
+                # stops) is routine, not a warning
+                plog.log(logging.INFO if dl.error.status == 499 else logging.WARNING,
+                         "pull of %s failed: %s; ended the download, %d client(s) waiting on"
+                         " it get this error", dl.target, dl.error.message, dl.waiters)
             dl.done.set()
 
     def _local(self, target: str) -> ModelEntry | None:
@@ -611,7 +616,10 @@ class Puller:
         dl.dropped[peer] = reason
         dl.sources.discard(peer)
         self.metrics.pull_dropped.labels(kind).inc()
-        plog.warning("pull of %s: dropped provider %s: %s", dl.name or dl.target, peer, reason)
+        # the full peer id, not the short one: tests/test_pull.py looks for it, and it is
+        # what `qvacd trust rm` takes
+        plog.warning("pull of %s: dropped provider %s: %s; the pull goes on without it",
+                     dl.name or dl.target, peer, reason)
 
     async def _fetch_chunks(self, dl: Download, manifest: Manifest, partial: PartialFile,
                             providers: list[str], missing: list[int], done: set[int],

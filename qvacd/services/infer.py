@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from models.engine import EngineError, GenerationRequest
+from peers import peer_ended_stream, short_peer_id
 from protocol import (
     Accepted,
     Done,
@@ -92,15 +93,20 @@ class InferService:
         outcome = "error"
         try:
             outcome = await self._serve(io, peer_id)
-        except StreamGone:
-            outcome = "gone"
         except ProtocolError as e:
             outcome = "protocol"
-            log.info("peer %s sent a bad frame: %s", peer_id[:16], e)
+            log.info("peer %s sent a bad frame: %s", short_peer_id(peer_id), e)
             await _try_send(io, Error.from_exception(e))
-        except Exception:
+        except Exception as e:
+            if peer_ended_stream(e) is not None:
+                # The consumer reset or closed the stream, or its connection died (also
+                # inside the exception group of the streaming nursery): routine. It rises
+                # to peers' contain_handler_errors, which wraps this handler: one INFO
+                # line naming the peer, no traceback, the stream reset.
+                outcome = "gone"
+                raise
             log.exception("infer handler failed for peer %s; answered INTERNAL and closed the"
-                          " stream", peer_id[:16])
+                          " stream", short_peer_id(peer_id))
             await _try_send(io, Error(ErrorCode.INTERNAL, "provider error; try another peer"))
         finally:
             self._count(peer_id, outcome)

@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from models.manifest import Manifest, ManifestError, load_or_build_manifest
 from models.store import ModelEntry, ModelStore
+from peers import short_peer_id
 from protocol import (
     MAX_CHUNK_PIECE,
     SHARD_LIMITS,
@@ -163,7 +164,7 @@ class ShardService:
                                            f" run `qvacd trust add {peer_id} --roles seeder`"))
                 return
             if isinstance(msg, ManifestRequest):
-                outcome = await self._serve_manifest(stream, msg)
+                outcome = await self._serve_manifest(stream, msg, peer_id)
             else:
                 outcome = await self._serve_chunk(stream, msg, peer_id)
         except ProtocolError as e:
@@ -179,7 +180,7 @@ class ShardService:
                 log.debug("shard stream to %s ended: %s", peer_id, e)
             else:
                 log.exception("shard handler failed for peer %s; answered INTERNAL and reset"
-                              " the stream", peer_id[:16])
+                              " the stream", short_peer_id(peer_id))
                 with contextlib.suppress(Exception), trio.move_on_after(1):
                     await _write(stream, Error(ErrorCode.INTERNAL, "seeder error; try another"
                                                " peer"))
@@ -226,7 +227,7 @@ class ShardService:
                 got = self._manifests[entry.sha256] = (m, m.encode())
         return got
 
-    async def _serve_manifest(self, stream: Stream, msg: ManifestRequest) -> str:
+    async def _serve_manifest(self, stream: Stream, msg: ManifestRequest, peer: str) -> str:
         entry = self._resolve(msg.model)
         if entry is None:
             await _write(stream, Error(ErrorCode.NOT_FOUND, f"no model {msg.model!r} here"))
@@ -234,7 +235,9 @@ class ShardService:
         try:
             _, data = await self.manifest_for(entry)
         except ManifestError as e:
-            log.error("cannot serve the manifest of %s: %s", entry.name, e)
+            log.error("cannot serve the manifest of %s to peer %s: %s; answered INTERNAL"
+                      " (try another peer), the next request builds it again", entry.name,
+                      short_peer_id(peer), e)
             await _write(stream, Error(ErrorCode.INTERNAL, f"the seeder's copy of {entry.name}"
                                        " is unusable; try another peer"))
             return "internal"
@@ -266,7 +269,8 @@ class ShardService:
                 data = await trio.to_thread.run_sync(self.read_chunk, entry, manifest,
                                                      msg.index)
             except OSError as e:
-                log.error("cannot read chunk %d of %s: %s", msg.index, entry.name, e)
+                log.error("cannot read chunk %d of %s for peer %s: %s; answered INTERNAL"
+                          " (try another peer)", msg.index, entry.name, short_peer_id(peer), e)
                 await _write(stream, Error(ErrorCode.INTERNAL, "the seeder cannot read its"
                                            " copy of the model; try another peer"))
                 return "internal"
