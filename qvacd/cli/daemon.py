@@ -95,8 +95,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     con.print(f"[bold]qvacd {st['version']}[/] peer [cyan]{st['peer_id']}[/]"
               f" api http://{st['api']} up {st['uptime_s']:.0f}s")
     con.print(f"memory budget {fmt_bytes(st['memory_budget'])} (in use"
-              f" {fmt_bytes(st['memory_used'])}), slots {st['slots_free']}/{st['slots_total']}"
-              f" free, queue {st['queue']}, delegate {st['delegate']}")
+              f" {fmt_bytes(st['memory_used'])}), delegate {st['delegate']}")
+    con.print(f"sequences {st['slots_free']}/{st['slots_total']} free"
+              f" (parallel {st.get('parallel', '-')}), queue {st['queue']},"
+              f" {st.get('aggregate_tokens_per_s', 0):.1f} tok/s over the last 10 s")
     for a in st.get("listen_addrs", []):
         con.print(f"listening {a}")
     net = st.get("network") or {}
@@ -115,11 +117,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             con.print(f"relay service: {svc['reservations']}/{svc['max_reservations']}"
                       f" reservations, {svc['circuits_active']} circuits,"
                       f" {svc['bytes_relayed']} bytes relayed")
-    t = Table("model", "size", "needs", "fits", "loaded", "tok/s")
+    t = Table("model", "size", "needs", "fits", "loaded", "seqs", "tok/s")
     for m in st["models"]:
         tps = f"{m['tokens_per_s']:.1f}" if m.get("tokens_per_s") else "-"
         t.add_row(m["name"], fmt_bytes(m["size"]), fmt_bytes(m["memory_estimate"]),
-                  "yes" if m["fits_budget"] else "no", "yes" if m["loaded"] else "no", tps)
+                  "yes" if m["fits_budget"] else "no", "yes" if m["loaded"] else "no",
+                  str(m.get("parallel", "-")), tps)
     con.print(t)
     return 0
 
