@@ -98,14 +98,14 @@ async def test_no_kv_slot_for_generation_ends_only_the_newest_sequence(engine, m
 
         async def one(start: int) -> None:
             try:
-                outcomes[start] = await _run(engine, _counting(start), max_tokens=24)
+                outcomes[start] = await _run(engine, _counting(start), max_tokens=64)
             except EngineError as e:
                 outcomes[start] = e
 
         async with trio.open_nursery() as batch:
             for start in (10, 20, 30):
                 batch.start_soon(one, start)
-                await trio.sleep(0.3)  # join in this order: 30 is the newest
+                await trio.sleep(0.2)  # join in this order: 30 is the newest
         status = engine.status()
         nursery.cancel_scope.cancel()
     assert failed
