@@ -308,6 +308,7 @@ class InferenceResponse(Response):
         self.error_shape = error_shape
         self.endpoint = endpoint
         self.background = None
+        self._started = False  # the 200 and its headers are out: errors go in the body
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         metrics = self.node.metrics
@@ -335,6 +336,14 @@ class InferenceResponse(Response):
             nursery.cancel_scope.cancel()
 
     async def _send_error(self, send: Any, e: ApiError) -> int:
+        if self._started:
+            # Mid-stream (e.g. the engine failed after some tokens): the status is sent,
+            # so the error is the stream's last event, in the stream's own framing.
+            line = json.dumps(self.error_shape(e)).encode()
+            body = b"data: " + line + b"\n\n" if self.fmt.media_type == "text/event-stream" \
+                else line + b"\n"
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+            return e.status
         await error_response(e, self.error_shape)(
             {"type": "http"}, _no_receive, send)
         return e.status
@@ -347,6 +356,7 @@ class InferenceResponse(Response):
         if self.stream:
             headers += [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
             await send({"type": "http.response.start", "status": 200, "headers": headers})
+            self._started = True
             if self.fmt.first:
                 await send({"type": "http.response.body", "body": self.fmt.first(),
                             "more_body": True})
