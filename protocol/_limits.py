@@ -11,6 +11,7 @@ __all__ = [
     "MAX_MANIFEST_SIZE",
     "MAX_RECORD_SIZE",
     "MAX_SHARD_FRAME_SIZE",
+    "PAIR_LIMITS",
     "SHARD_LIMITS",
     "Limits",
 ]
@@ -56,3 +57,7 @@ DEFAULT_LIMITS = Limits()
 # Shard streams: a sub-frame holds up to MAX_CHUNK_PIECE data bytes, a manifest up to
 # MAX_MANIFEST_SIZE, so both the frame and bin bounds are larger than for control frames.
 SHARD_LIMITS = Limits(max_frame_size=MAX_SHARD_FRAME_SIZE, max_bin_len=MAX_SHARD_FRAME_SIZE)
+# Pairing streams come from peers we do not trust yet: a few small frames (SPAKE2
+# messages, 32-byte MACs, a handful of roles, or an Error of up to 4096 characters).
+PAIR_LIMITS = Limits(max_frame_size=8 * KiB, max_str_len=4 * KiB, max_bin_len=256,
+                     max_array_len=8, max_map_len=16, max_containers=8)

@@ -27,6 +27,7 @@ from ._limits import (
     MAX_CHUNK_PIECE,
     MAX_MANIFEST_SIZE,
     MAX_RECORD_SIZE,
+    PAIR_LIMITS,
     SHARD_LIMITS,
     Limits,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "CAPACITY_PROTOCOL",
     "INFER_PROTOCOL",
     "MESSAGE_TYPES",
+    "PAIR_PROTOCOL",
     "PROTOCOL_MESSAGES",
     "SHARD_PROTOCOL",
     "Accepted",
@@ -50,6 +52,10 @@ __all__ = [
     "ManifestRequest",
     "ManifestResponse",
     "Message",
+    "PairConfirm",
+    "PairDone",
+    "PairReply",
+    "PairStart",
     "Token",
     "limits_for",
     "parse_message",
@@ -58,11 +64,15 @@ __all__ = [
 INFER_PROTOCOL = "/qvac/infer/1.0.0"
 CAPACITY_PROTOCOL = "/qvac/capacity/1.0.0"
 SHARD_PROTOCOL = "/qvac/shard/1.0.0"
+PAIR_PROTOCOL = "/qvac/pair/1.0.0"
 
 # Value bounds. Generous, but finite: every number a peer sends is checked.
 U32_MAX = 2**32 - 1
 U64_MAX = 2**64 - 1
 MAX_NAME_LEN = 256  # model names, roles, stop strings
+MAX_PAKE_MESSAGE = 64  # a SPAKE2 message (33 bytes over Ed25519)
+PAIR_MAC_LEN = 32  # HMAC-SHA256
+MAX_PAIR_ROLES = 8
 MAX_STOP = 16  # stop strings per request
 MAX_ERROR_MESSAGE_LEN = 4096
 MAX_DEADLINE_MS = 24 * 3600 * 1000  # nobody waits a day for one answer
@@ -489,6 +499,79 @@ class ChunkData(_Message):
             raise _range_error("ChunkData.data", "may be empty only in the last sub-frame")
 
 
+# /qvac/pair/1.0.0 ------------------------------------------------------------------------
+
+
+def _check_roles(where: str, value: object) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple):
+        raise _type_error(where, "an array", value)
+    if not 1 <= len(value) <= MAX_PAIR_ROLES:
+        raise _range_error(where, f"must hold 1..{MAX_PAIR_ROLES} roles, got {len(value)}")
+    for role in value:
+        _check_str(f"{where} item", role, max_len=MAX_NAME_LEN, min_len=1)
+    return tuple(value)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PairStart(_Message):
+    """The joiner's first SPAKE2 message for the offer numbered `offer` (the code's
+    first part, which is not secret)."""
+
+    tag: ClassVar[str] = "pairq"
+    offer: int
+    pake: bytes
+
+    def __post_init__(self) -> None:
+        _check_int("PairStart.offer", self.offer, 0, U32_MAX)
+        _set(self, "pake", _check_bytes("PairStart.pake", self.pake, max_len=MAX_PAKE_MESSAGE,
+                                        min_len=1))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PairReply(_Message):
+    """The offerer's SPAKE2 message, the roles it offers, and its key confirmation."""
+
+    tag: ClassVar[str] = "pairs"
+    pake: bytes
+    roles: tuple[str, ...]
+    confirm: bytes
+
+    def __post_init__(self) -> None:
+        _set(self, "pake", _check_bytes("PairReply.pake", self.pake, max_len=MAX_PAKE_MESSAGE,
+                                        min_len=1))
+        _set(self, "roles", _check_roles("PairReply.roles", self.roles))
+        _set(self, "confirm", _check_mac("PairReply.confirm", self.confirm))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PairConfirm(_Message):
+    """The joiner's key confirmation, sent only after the offerer's verified."""
+
+    tag: ClassVar[str] = "pairc"
+    confirm: bytes
+
+    def __post_init__(self) -> None:
+        _set(self, "confirm", _check_mac("PairConfirm.confirm", self.confirm))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PairDone(_Message):
+    """The offerer verified the joiner's confirmation and trusts it with `roles`."""
+
+    tag: ClassVar[str] = "paird"
+    roles: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        _set(self, "roles", _check_roles("PairDone.roles", self.roles))
+
+
+def _check_mac(where: str, value: object) -> bytes:
+    mac = _check_bytes(where, value, max_len=PAIR_MAC_LEN)
+    if len(mac) != PAIR_MAC_LEN:
+        raise _range_error(where, f"must be {PAIR_MAC_LEN} bytes, got {len(mac)}")
+    return mac
+
+
 Message: TypeAlias = (
     InferRequest
     | Accepted
@@ -501,6 +584,10 @@ Message: TypeAlias = (
     | ManifestResponse
     | ChunkRequest
     | ChunkData
+    | PairStart
+    | PairReply
+    | PairConfirm
+    | PairDone
 )
 
 MESSAGE_TYPES: Mapping[str, type[Message]] = {
@@ -517,6 +604,10 @@ MESSAGE_TYPES: Mapping[str, type[Message]] = {
         ManifestResponse,
         ChunkRequest,
         ChunkData,
+        PairStart,
+        PairReply,
+        PairConfirm,
+        PairDone,
     )
 }
 
@@ -527,6 +618,7 @@ PROTOCOL_MESSAGES: Mapping[str, frozenset[type[Message]]] = {
     SHARD_PROTOCOL: frozenset(
         {ManifestRequest, ManifestResponse, ChunkRequest, ChunkData, Error}
     ),
+    PAIR_PROTOCOL: frozenset({PairStart, PairReply, PairConfirm, PairDone, Error}),
 }
 
 
@@ -534,6 +626,8 @@ def limits_for(protocol_id: str) -> Limits:
     """The decoder limits for streams of `protocol_id` (shard streams carry big frames)."""
     if protocol_id == SHARD_PROTOCOL:
         return SHARD_LIMITS
+    if protocol_id == PAIR_PROTOCOL:
+        return PAIR_LIMITS
     if protocol_id in PROTOCOL_MESSAGES:
         return DEFAULT_LIMITS
     raise ValueError(f"unknown protocol id {protocol_id!r}")

@@ -41,6 +41,10 @@ from protocol import (
     Limits,
     ManifestRequest,
     ManifestResponse,
+    PairConfirm,
+    PairDone,
+    PairReply,
+    PairStart,
     ProtocolError,
     StreamState,
     Token,
@@ -81,6 +85,10 @@ EXAMPLES: list[protocol.Message] = [
     ChunkRequest(sha256=SHA, index=0),
     ChunkData(index=3, offset=1024, data=b"\xff" * 100, last=False),
     ChunkData(index=3, offset=0, data=b"", last=True),
+    PairStart(offer=7, pake=b"\x01" * 33),
+    PairReply(pake=b"\x02" * 33, roles=("consumer", "provider"), confirm=b"\x03" * 32),
+    PairConfirm(confirm=b"\x04" * 32),
+    PairDone(roles=("seeder",)),
 ]
 
 
@@ -267,6 +275,10 @@ SCHEMA: dict[str, dict[str, str]] = {
     "man": {"manifest": "bin"},
     "chunkq": {"sha256": "str", "index": "int"},
     "chunk": {"index": "int", "offset": "int", "data": "bin", "last": "bool"},
+    "pairq": {"offer": "int", "pake": "bin"},
+    "pairs": {"pake": "bin", "roles": "array", "confirm": "bin"},
+    "pairc": {"confirm": "bin"},
+    "paird": {"roles": "array"},
 }
 SAMPLES = {"str": "x", "int": 1, "float": 0.5, "bin": b"x", "bool": True, "array": ["x"],
            "map": {"x": 1}}
@@ -363,6 +375,15 @@ OUT_OF_RANGE = [
     ({**CHUNK, "offset": -1}, ErrorCode.BAD_REQUEST),
     ({**CHUNK, "data": b""}, ErrorCode.BAD_REQUEST),
     ({"t": "tok", "text": "x", "t2": 1, 3: 4}, ErrorCode.PROTOCOL),
+    ({"t": "pairq", "offer": -1, "pake": b"x"}, ErrorCode.BAD_REQUEST),
+    ({"t": "pairq", "offer": 1, "pake": b""}, ErrorCode.BAD_REQUEST),
+    ({"t": "pairq", "offer": 1, "pake": b"x" * 65}, ErrorCode.TOO_LARGE),
+    ({"t": "pairc", "confirm": b"x" * 31}, ErrorCode.BAD_REQUEST),
+    ({"t": "pairc", "confirm": b"x" * 33}, ErrorCode.TOO_LARGE),
+    ({"t": "paird", "roles": []}, ErrorCode.BAD_REQUEST),
+    ({"t": "paird", "roles": ["r"] * 9}, ErrorCode.BAD_REQUEST),
+    ({"t": "paird", "roles": [""]}, ErrorCode.BAD_REQUEST),
+    ({"t": "paird", "roles": [1]}, ErrorCode.PROTOCOL),
 ]
 
 
