@@ -293,7 +293,7 @@ class Engine:
 
     def status(self) -> dict[str, Any]:
         used = sum(m.memory for m in self._models.values() if m.runner is not None)
-        total = sum(m.parallel for m in self._models.values()) or max(1, self.config.parallel)
+        total = sum(m.parallel for m in self._models.values()) or self._parallel_unloaded()
         busy = sum(m.active for m in self._models.values())
         return {
             "memory_budget": self.memory_budget,
@@ -316,6 +316,19 @@ class Engine:
                 for sha, m in self._models.items()
             ],
         }
+
+    def _parallel_unloaded(self) -> int:
+        """Sequences the first model that fits would get, before any model is loaded
+        (what the capacity record says while the node has not served yet)."""
+        if self.config.parallel > 0:
+            return self.config.parallel
+        for entry in self.store.list():
+            try:
+                if self.fits(entry):
+                    return self.parallel_for(entry)
+            except Exception:  # an unreadable entry says nothing about the others
+                continue
+        return 1
 
     def queue_length(self) -> int:
         return sum(m.waiting for m in self._models.values())
