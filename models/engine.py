@@ -557,8 +557,8 @@ class Engine:
                                   top_k=req.top_k, min_p=req.min_p,
                                   repeat_penalty=req.repeat_penalty, seed=req.seed),
                 stops=tuple(s for s in req.stop if s),
-                emit=lambda piece: token.run_sync_soon(deliver, piece),
-                done=lambda outcome: token.run_sync_soon(finished, outcome),
+                emit=lambda piece: _queue_to_loop(token, deliver, piece),
+                done=lambda outcome: _queue_to_loop(token, finished, outcome),
                 # A seeded request is evaluated afresh: a reused prefix changes batch
                 # shapes and so the logits' last bits, and a seed promises the same text.
                 reuse_prefix=req.seed is None,
@@ -579,6 +579,13 @@ class Engine:
             if submitted is None:
                 release()
             # else: `finished` releases the sequence when the runner reports its end
+
+
+def _queue_to_loop(token: trio.lowlevel.TrioToken, fn: Callable[[Any], None], arg: Any) -> None:
+    """From the runner thread: run `fn(arg)` in the event loop, without waiting for it.
+    After the loop has ended (shutdown) there is nobody left to tell: drop it."""
+    with contextlib.suppress(trio.RunFinishedError):
+        token.run_sync_soon(fn, arg)
 
 
 def _vocab_tokens(entry: ModelEntry) -> list[str] | None:
