@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import trio
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from models.chat import ChatError, normalize_messages
@@ -30,11 +30,13 @@ from models.engine import EngineError, GenerationRequest, GenerationResult
 from models.store import ModelEntry, ModelStore
 
 from . import __version__
+from .dashboard import PUBLIC_PATHS, dashboard_routes
 from .local_engine import LocalEngine
 from .metrics import CONTENT_TYPE, Metrics
 
 if TYPE_CHECKING:
     from .config import Config
+    from .dashboard import ActivityRecorder, RequestRecord
     from .pull_api import ModelPuller
     from .router import RoutedGeneration, Router
 
@@ -72,6 +74,9 @@ class ServedNode(Protocol):
 
     @property
     def config(self) -> Config: ...
+
+    @property
+    def recorder(self) -> ActivityRecorder: ...
 
     def available_models(self) -> list[ModelEntry]: ...
 
@@ -309,11 +314,14 @@ class InferenceResponse(Response):
         self.endpoint = endpoint
         self.background = None
         self._started = False  # the 200 and its headers are out: errors go in the body
+        self._completion_tokens: int | None = None  # set when the answer ended on its own
+        self._error: str | None = None  # for the dashboard's recorder
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         metrics = self.node.metrics
         t0 = time.monotonic()
         status = 200
+        rec = self.node.recorder.begin(self.endpoint, self.req.model, stream=self.stream)
         async with trio.open_nursery() as nursery:
 
             async def watch_disconnect() -> None:
@@ -326,16 +334,20 @@ class InferenceResponse(Response):
             nursery.start_soon(watch_disconnect)
             try:
                 async with self.node.router.generate(self.req, local_only=self.local_only) as gen:
-                    await self._write(gen, send, t0)
+                    await self._write(gen, send, t0, rec)
             except EngineError as e:
                 status = await self._send_error(send, ApiError.from_engine(e))
             except ApiError as e:
                 status = await self._send_error(send, e)
             finally:
                 metrics.requests.labels(self.endpoint, str(status)).inc()
+                self.node.recorder.end(rec, status, completed=self._completion_tokens is not None,
+                                       completion_tokens=self._completion_tokens,
+                                       error=self._error)
             nursery.cancel_scope.cancel()
 
     async def _send_error(self, send: Any, e: ApiError) -> int:
+        self._error = e.message
         if self._started:
             # Mid-stream (e.g. the engine failed after some tokens): the status is sent,
             # so the error is the stream's last event, in the stream's own framing.
@@ -348,8 +360,10 @@ class InferenceResponse(Response):
             {"type": "http"}, _no_receive, send)
         return e.status
 
-    async def _write(self, gen: RoutedGeneration, send: Any, t0: float) -> None:
+    async def _write(self, gen: RoutedGeneration, send: Any, t0: float,
+                     rec: RequestRecord) -> None:
         metrics = self.node.metrics
+        self.node.recorder.routed(rec, gen.served_by, gen.where)
         headers = [(b"content-type", self.fmt.media_type.encode() if self.stream
                     else b"application/json"),
                    (SERVED_BY.lower().encode(), ",".join(gen.served_by).encode())]
@@ -363,6 +377,7 @@ class InferenceResponse(Response):
         first = True
         parts: list[str] = []
         async for piece in gen:
+            self.node.recorder.token(rec)
             if first:
                 metrics.ttft.labels(self.req.model, gen.where).observe(time.monotonic() - t0)
                 first = False
@@ -373,6 +388,7 @@ class InferenceResponse(Response):
                 parts.append(piece)
         metrics.tokens.labels(self.req.model, gen.served_by[-1]).inc(
             gen.result.completion_tokens)
+        self._completion_tokens = gen.result.completion_tokens
         if self.stream:
             await send({"type": "http.response.body",
                         "body": self.fmt.final(gen.result, gen.served_by), "more_body": False})
@@ -604,11 +620,8 @@ def build_app(node: ServedNode) -> Starlette:
     async def metrics(request: Request) -> Response:
         return Response(node.metrics.render(), media_type=CONTENT_TYPE)
 
-    async def root(request: Request) -> Response:
-        return PlainTextResponse("qvacd is running")
-
     routes = [
-        Route("/", root, methods=["GET", "HEAD"]),
+        *dashboard_routes(node),  # type: ignore[arg-type]  # "/" is the dashboard's page
         Route("/v1/models", v1_models, methods=["GET"]),
         Route("/v1/completions", v1_completions, methods=["POST"]),
         Route("/v1/chat/completions", v1_chat, methods=["POST"]),
@@ -647,7 +660,10 @@ class _TokenGuard:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         import hmac
 
-        if scope["type"] == "http":
+        # The dashboard's page and its static files hold no data and must load to ask for
+        # the token; everything they fetch needs it.
+        public = scope.get("path") in PUBLIC_PATHS and scope.get("method") in ("GET", "HEAD")
+        if scope["type"] == "http" and not public:
             got = dict(scope.get("headers") or []).get(b"authorization", b"")
             if not hmac.compare_digest(got, self.expected):
                 body = {"error": {"message": "missing or wrong bearer token; send"

@@ -23,6 +23,7 @@ from . import __version__
 from .api import build_app
 from .config import Config
 from .daemon_file import remove_daemon_file, write_daemon_file
+from .dashboard.recorder import ActivityRecorder
 from .metrics import Metrics
 from .router import Router
 
@@ -68,6 +69,7 @@ class Node:
             n_ctx=config.ctx_size, memory_budget=config.memory_budget, parallel=config.sequences,
             queue_size=config.queue_size, n_threads=config.threads, gpu_layers=gpu_layers))
         self.metrics = Metrics()
+        self.recorder = ActivityRecorder()  # the dashboard's requests and tokens/s
         self.metrics.on_scrape(self._refresh_gauges)
         self.node_id = self.identity.peer_id_str
         self.router = Router(self.node_id, self.engine, delegate=config.delegate,
@@ -204,6 +206,11 @@ class Node:
             out["peers"] = len(self.network.table.snapshot())
             out["network"] = self.network.beyond_lan_status()
             out["banned"] = self.network.guard.banned()
+        if self.device is not None:
+            out["device"] = {"kind": self.device.kind, "name": self.device.name,
+                             "memory_total": self.device.memory_total,
+                             "memory_free": _mem_available() if self.device.kind == "cpu"
+                             else self.device.memory_free}
         return out
 
     def peers_snapshot(self) -> list[dict[str, Any]]:
@@ -230,6 +237,7 @@ class Node:
         app = build_app(self)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_signals, nursery.cancel_scope)
+            nursery.start_soon(self.recorder.run, self.engine.aggregate_tokens_per_s)
             await nursery.start(self.engine.run)  # owns the model threads
             if self.network is not None:
                 try:
