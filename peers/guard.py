@@ -38,6 +38,9 @@ OFFENCES: dict[str, float] = {
     "protocol": 4.0,  # a malformed frame or an unexpected message
     "unauthorized": 2.0,  # asked for something its roles do not allow
     "handshake": 3.0,  # a TCP connection that did not complete a libp2p handshake
+    # a pairing attempt that failed (wrong code) or was refused (no such offer): one
+    # online guess at a code each, so a flood of them is banned within a few tries
+    "pairing": 5.0,
 }
 
 

@@ -33,6 +33,7 @@ from . import __version__
 from .dashboard import PUBLIC_PATHS, dashboard_routes
 from .local_engine import LocalEngine
 from .metrics import CONTENT_TYPE, Metrics
+from .pair_api import pair_routes
 
 if TYPE_CHECKING:
     from .config import Config
@@ -634,6 +635,7 @@ def build_app(node: ServedNode) -> Starlette:
         Route("/qvac/status", qvac_status, methods=["GET"]),
         Route("/qvac/peers", qvac_peers, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        *pair_routes(node),  # type: ignore[arg-type]
     ]
     app = Starlette(routes=routes)
     token = node.config.api_token

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from peers.device import DeviceInfo
     from peers.records import CapacityRecord
 
+    from .pairing import PairingService
     from .pull import Puller
 
 log = logging.getLogger("qvacd.node")
@@ -78,6 +79,7 @@ class Node:
         self.api_bound: str | None = None
         self.device: DeviceInfo | None = None
         self.puller: Puller | None = None  # with the network
+        self.pairing: PairingService | None = None  # with the network
         if config.p2p:
             self._init_network()
 
@@ -124,7 +126,24 @@ class Node:
         self.network.set_stream_handler(SHARD_PROTOCOL, self.shard_service.handle)
         self.puller = Puller.for_node(self)
         self.router.remote = RemoteInference(self.node_id, self.network, metrics=self.metrics)
+        self._init_pairing(self.network)
         self.engine.on_change = self.network.capacity_changed
+
+    def _init_pairing(self, network: PeerNetwork) -> None:
+        from protocol import PAIR_PROTOCOL
+
+        from .pairing import PairingService
+
+        def link_addrs() -> list[str]:
+            # why this order: a link is for peers beyond the LAN, so relayed and public
+            # addresses first, loopback last
+            addrs = network.relay.circuit_addrs() + network.listen_addrs()
+            return sorted(dict.fromkeys(addrs), key=lambda a: (
+                "/p2p-circuit" not in a, "/ip4/127." in a or "/ip6/::1/" in a))
+
+        self.pairing = PairingService(self.node_id, self.trust, network, link_addrs=link_addrs,
+                                      registry=self.metrics.registry)
+        network.set_stream_handler(PAIR_PROTOCOL, self.pairing.handle)
 
     def _may_consume(self, peer_id: str) -> bool:
         return self.config.public_donor or self.trust.is_trusted(peer_id, "consumer")
@@ -206,6 +225,8 @@ class Node:
             out["peers"] = len(self.network.table.snapshot())
             out["network"] = self.network.beyond_lan_status()
             out["banned"] = self.network.guard.banned()
+        if self.pairing is not None:
+            out["pairing"] = self.pairing.status()
         if self.device is not None:
             out["device"] = {"kind": self.device.kind, "name": self.device.name,
                              "memory_total": self.device.memory_total,

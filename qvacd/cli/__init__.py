@@ -6,6 +6,7 @@ One module per command family, each with its `cmd_*` functions:
     models.py   models list|add|show|rm (the local store)
     pull.py     models pull (asks the daemon, draws its progress)
     peers.py    peers (asks the daemon), trust ..., mesh ... (files in the data dir)
+    pair.py     pair [CODE] (a one-time code, through the daemon)
 
 Commands that ask a running daemon go through one small client of its HTTP API
 (client.py), like Ollama's CLI; commands that change local state (models, trust, mesh,
@@ -21,7 +22,7 @@ import sys
 
 from .. import __version__
 from ..config import add_data_dir_arg, add_start_args
-from . import daemon, models, peers, pull
+from . import daemon, models, pair, peers, pull
 from .common import CliError, add_client_args
 
 __all__ = ["CliError", "build_parser", "main"]
@@ -65,6 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("id", help="print this node's peer id (and listen addresses)")
     add_client_args(s)
     s.set_defaults(fn=daemon.cmd_id)
+
+    s = sub.add_parser("pair", help="add a device with a short one-time code (shows one,"
+                       " or completes one given)")
+    s.add_argument("code", nargs="?", metavar="CODE-OR-LINK",
+                   help="the code or link `qvacd pair` shows on the other device")
+    s.add_argument("--roles", default=None, help=_ROLE_HELP + "; granted both ways"
+                   " (default: all three)")
+    s.add_argument("--minutes", type=float, default=None, help="how long the code is valid"
+                   " (default 5)")
+    s.add_argument("--json", action="store_true", help="print the pairing result as JSON")
+    add_client_args(s)
+    s.set_defaults(fn=pair.cmd_pair)
 
     _add_models_commands(sub)
     _add_trust_commands(sub)

@@ -56,6 +56,20 @@ class DaemonClient:
             raise CliError(error_text(r))
         return r.json()
 
+    def send_json(self, method: str, path: str, body: dict[str, Any] | None = None, *,
+                  timeout_s: float = REQUEST_TIMEOUT_S) -> Any:
+        """`method` `path` with a JSON body; the answer's JSON (HTTP 200 only)."""
+        import httpx
+
+        try:
+            with self._http(httpx.Timeout(REQUEST_TIMEOUT_S, read=timeout_s)) as c:
+                r = c.request(method, path, json=body)
+        except httpx.TransportError as e:
+            raise self.unreachable() from e
+        if r.status_code != 200:
+            raise CliError(error_text(r))
+        return r.json()
+
     @contextlib.contextmanager
     def stream(self, method: str, path: str, *, body: dict[str, Any],
                headers: dict[str, str] | None = None, idle_timeout_s: float | None = None
