@@ -7,6 +7,8 @@ One module per command family, each with its `cmd_*` functions:
     pull.py     models pull (asks the daemon, draws its progress)
     peers.py    peers (asks the daemon), trust ..., mesh ... (files in the data dir)
     pair.py     pair [CODE] (a one-time code, through the daemon)
+    run.py      run MODEL (a chat in the terminal, through the daemon's API)
+    service.py  service install|uninstall|status (systemd user unit, launchd agent)
 
 Commands that ask a running daemon go through one small client of its HTTP API
 (client.py), like Ollama's CLI; commands that change local state (models, trust, mesh,
@@ -22,7 +24,7 @@ import sys
 
 from .. import __version__
 from ..config import add_data_dir_arg, add_start_args
-from . import daemon, models, pair, peers, pull
+from . import daemon, models, pair, peers, pull, run, service
 from .common import CliError, add_client_args
 
 __all__ = ["CliError", "build_parser", "main"]
@@ -67,6 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_client_args(s)
     s.set_defaults(fn=daemon.cmd_id)
 
+    s = sub.add_parser("run", help="chat with a model in the terminal (/bye exits)")
+    s.add_argument("model", metavar="MODEL")
+    s.add_argument("--max-tokens", type=int, default=None,
+                   help="longest answer in tokens (default: until the model stops)")
+    s.add_argument("--temperature", type=float, default=0.8)
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--system", default=None, help="a system message that starts the chat")
+    s.add_argument("--local-only", action="store_true", help="never send the chat to a peer")
+    s.add_argument("--verbose", "-v", action="store_true", help="print which node served")
+    add_client_args(s)
+    s.set_defaults(fn=run.cmd_run)
+
+    _add_service_commands(sub)
     s = sub.add_parser("pair", help="add a device with a short one-time code (shows one,"
                        " or completes one given)")
     s.add_argument("code", nargs="?", metavar="CODE-OR-LINK",
@@ -83,6 +98,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trust_commands(sub)
     _add_mesh_commands(sub)
     return p
+
+
+def _add_service_commands(sub: argparse._SubParsersAction) -> None:
+    m = sub.add_parser(
+        "service", help="run the daemon at login (systemd user unit, launchd agent)"
+    ).add_subparsers(dest="service_cmd", required=True, metavar="ACTION")
+    s = m.add_parser("install", help="install, enable and start the service")
+    s.add_argument("--dry-run", action="store_true", help="print the file, touch nothing")
+    add_data_dir_arg(s)
+    s.set_defaults(fn=service.cmd_service_install)
+    s = m.add_parser("uninstall", help="stop, disable and remove the service")
+    s.add_argument("--dry-run", action="store_true", help="print what it would do")
+    add_data_dir_arg(s)
+    s.set_defaults(fn=service.cmd_service_uninstall)
+    s = m.add_parser("status", help="installed or not, running or not")
+    add_client_args(s)
+    s.set_defaults(fn=service.cmd_service_status)
 
 
 def _add_models_commands(sub: argparse._SubParsersAction) -> None:

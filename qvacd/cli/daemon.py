@@ -16,6 +16,7 @@ import sys
 from ..config import ConfigError, load_config
 from ..daemon_file import running_daemon_api
 from ..logs import setup_logging
+from . import terminal
 from .client import DaemonClient
 from .common import CliError, data_dir_of
 
@@ -86,45 +87,74 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(st, indent=2))
         return 0
-    from rich.console import Console
-    from rich.table import Table
+    cols = terminal.width()
+    for line in status_lines(st, cols):
+        print(line)
+    return 0
 
+
+def status_lines(st: dict, cols: int) -> list[str]:
+    """`qvacd status` as lines of at most `cols` characters (80 columns read well): the
+    peer id whole on a line of its own (it is what `qvacd trust add` wants), every other
+    peer id short, long lists folded by us rather than wrapped by the terminal."""
     from models.engine import fmt_bytes
 
-    con = Console()
-    con.print(f"[bold]qvacd {st['version']}[/] peer [cyan]{st['peer_id']}[/]"
-              f" api http://{st['api']} up {st['uptime_s']:.0f}s")
-    con.print(f"memory budget {fmt_bytes(st['memory_budget'])} (in use"
-              f" {fmt_bytes(st['memory_used'])}), delegate {st['delegate']}")
-    con.print(f"sequences {st['slots_free']}/{st['slots_total']} free"
-              f" (parallel {st.get('parallel', '-')}), queue {st['queue']},"
-              f" {st.get('aggregate_tokens_per_s', 0):.1f} tok/s over the last 10 s")
-    for a in st.get("listen_addrs", []):
-        con.print(f"listening {a}")
+    own = st["peer_id"]
+    logical = [
+        f"qvacd {st['version']}, up {_age(st['uptime_s'])}, api http://{st['api']}",
+        f"peer {own}",
+        f"memory budget {fmt_bytes(st['memory_budget'])} ({fmt_bytes(st['memory_used'])}"
+        f" in use), delegate {st['delegate']}",
+        f"sequences {st['slots_free']}/{st['slots_total']} free"
+        f" (parallel {st.get('parallel', '-')}), queue {st['queue']},"
+        f" {st.get('aggregate_tokens_per_s', 0):.1f} tok/s (last 10 s)",
+    ]
+    lines = [x for ln in logical for x in terminal.wrap(ln, cols)]
+    addrs = [terminal.short_addr(a, own) for a in st.get("listen_addrs", [])]
+    if addrs:
+        lines += terminal.fold("listening ", addrs, cols)
     net = st.get("network") or {}
     if net:
-        con.print(f"reachability {net.get('reachability', 'unknown')}"
-                  + (", hole punching on" if net.get("hole_punch") else ""))
-        for a in net.get("relayed_addrs", []):
-            con.print(f"relayed {a}")
+        lines += terminal.wrap(f"reachability {net.get('reachability', 'unknown')}"
+                               + (", hole punching on" if net.get("hole_punch") else ""), cols)
+        relayed = [terminal.short_addr(a, own) for a in net.get("relayed_addrs", [])]
+        if relayed:
+            lines += terminal.fold("relayed ", relayed, cols)
         for r in net.get("reservations", []):
-            extra = (f" expires in {r['expires_in_s']}s" if "expires_in_s" in r
+            extra = (f", expires in {_age(r['expires_in_s'])}" if "expires_in_s" in r
                      else f" ({r.get('error', '')})")
             found = " (found in the DHT)" if r.get("source") == "dht" else ""
-            con.print(f"relay {r['relay']}{found} {r['state']}{extra}")
+            lines += terminal.wrap(f"relay {terminal.short_id(r['relay'])}{found}"
+                                   f" {r['state']}{extra}", cols)
         svc = net.get("service")
         if svc:
-            con.print(f"relay service: {svc['reservations']}/{svc['max_reservations']}"
-                      f" reservations, {svc['circuits_active']} circuits,"
-                      f" {svc['bytes_relayed']} bytes relayed")
-    t = Table("model", "size", "needs", "fits", "loaded", "seqs", "tok/s")
-    for m in st["models"]:
-        tps = f"{m['tokens_per_s']:.1f}" if m.get("tokens_per_s") else "-"
-        t.add_row(m["name"], fmt_bytes(m["size"]), fmt_bytes(m["memory_estimate"]),
-                  "yes" if m["fits_budget"] else "no", "yes" if m["loaded"] else "no",
-                  str(m.get("parallel", "-")), tps)
-    con.print(t)
-    return 0
+            lines += terminal.wrap(
+                f"relay service: {svc['reservations']}/{svc['max_reservations']}"
+                f" reservations, {svc['circuits_active']} circuits,"
+                f" {fmt_bytes(svc['bytes_relayed'])} relayed", cols)
+    if st["models"]:
+        rows = []
+        for m in st["models"]:
+            tps = f"{m['tokens_per_s']:.1f}" if m.get("tokens_per_s") else "-"
+            rows.append([m["name"], fmt_bytes(m["size"]), fmt_bytes(m["memory_estimate"]),
+                         "yes" if m["fits_budget"] else "no", "yes" if m["loaded"] else "no",
+                         str(m.get("parallel", "-")), tps])
+        lines.append("")
+        lines += terminal.table(["MODEL", "SIZE", "NEEDS", "FITS", "LOADED", "SEQS", "TOK/S"],
+                                rows, cols, right=(1, 2, 5, 6), shrink=(0,))
+    else:
+        lines += terminal.wrap("no models here; `qvacd models pull NAME` fetches one from"
+                               " a peer, `qvacd models add FILE.gguf` imports one", cols)
+    return lines
+
+
+def _age(seconds: float) -> str:
+    s = int(seconds)
+    if s < 120:
+        return f"{s}s"
+    if s < 7200:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def cmd_id(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from . import terminal
 from .client import DaemonClient
 from .common import CliError, data_dir_of
 
@@ -184,32 +185,79 @@ def cmd_peers(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(peers, indent=2))
         return 0
-    from rich.console import Console
-    from rich.table import Table
+    for line in peers_lines(peers, terminal.width()):
+        print(line)
+    return 0
 
-    t = Table("peer", "trust", "roles", "models", "slots", "tok/s", "rtt ms", "path",
-              "served", "failed", "verified")
+
+_ROLE_SHORT = {"consumer": "cons", "provider": "prov", "seeder": "seed"}
+
+
+def peers_lines(peers: list[dict[str, Any]], cols: int) -> list[str]:
+    """The peer table in `cols` characters (80 read well): one row of numbers per peer,
+    short peer ids (`--json` has them whole), and under each row, indented, what does
+    not fit a column: its models, the measured tokens/s of the path in use, failures."""
+    if not peers:
+        return terminal.wrap("no peers known yet; on a LAN they appear within seconds"
+                             " (mDNS), beyond it start the daemon with --bootstrap ADDR", cols)
+    header = ["PEER", "ROLES", "PATH", "RTT ms", "TOK/S", "SLOTS", "OK/FAIL", "CHECKED"]
+    body: list[list[str]] = []
+    notes: list[list[str]] = []
     for p in peers:
         cap = p.get("capacity") or {}
-        models = ",".join(m.get("name", "?") for m in cap.get("models", [])) or "-"
         tps = cap.get("tokens_per_s") or {}
         # the current path's own numbers when it has them (delegated tok/s, RTT)
         here = (p.get("paths") or {}).get(p.get("path") or "") or {}
         rtt = here.get("rtt_ms") if here.get("rtt_ms") is not None else p.get("rtt_ms")
-        path = p.get("path") or "-"
-        if here.get("tokens_per_s"):
-            path += f" ({here['tokens_per_s']:.0f} tok/s)"
         age = p.get("verified_age_s")
-        t.add_row(p["peer_id"][:14] + "…", "yes" if p.get("trusted") else "no",
-                  ",".join(p.get("roles", [])) or "-", models,
-                  f"{cap.get('slots_free', '-')}/{cap.get('slots_total', '-')}",
-                  f"{max(tps.values()):.0f}" if tps else "-",
-                  f"{rtt:.1f}" if isinstance(rtt, (int, float)) else "-",
-                  path,
-                  str(p.get("served", 0)), str(p.get("failed", 0)),
-                  f"{age:.0f}s ago" if isinstance(age, (int, float)) else "-")
-    Console(width=None if sys.stdout.isatty() else 160).print(t)
-    return 0
+        roles = ",".join(_ROLE_SHORT.get(r, r) for r in p.get("roles", []))
+        body.append([
+            terminal.short_id(p["peer_id"]),
+            roles if p.get("trusted") and roles else "untrusted",
+            p.get("path") or "-",
+            f"{rtt:.1f}" if isinstance(rtt, (int, float)) else "-",
+            f"{max(tps.values()):.0f}" if tps else "-",
+            f"{cap.get('slots_free', '-')}/{cap.get('slots_total', '-')}" if cap else "-",
+            f"{p.get('served', 0)}/{p.get('failed', 0)}",
+            f"{age:.0f}s ago" if isinstance(age, (int, float)) else "never",
+        ])
+        note: list[str] = []
+        models = [m.get("name", "?") for m in cap.get("models", [])]
+        if models:
+            note += terminal.fold("  models ", models, cols)
+        extra = []
+        if here.get("tokens_per_s"):
+            extra.append(f"delegated {here['tokens_per_s']:.0f} tok/s over {p['path']}")
+        if p.get("last_error"):
+            extra.append(terminal.cut(f"last error: {p['last_error']}", cols - 4))
+        if p.get("backoff_s"):
+            extra.append(f"backing off {p['backoff_s']:.0f}s")
+        notes.append(note + (terminal.fold("  ", extra, cols, sep="; ") if extra else []))
+    # a narrow terminal loses whole columns, least telling first, before any cell is cut;
+    # what they held moves to the peer's indented lines
+    keep = list(range(len(header)))
+    moved: list[int] = []
+    for drop in (7, 3, 6):
+        if _natural_width(header, body, keep) <= cols:
+            break
+        keep.remove(drop)
+        moved.insert(0, drop)
+    if moved:
+        for row, note in zip(body, notes, strict=True):
+            note[:0] = terminal.fold("  ", [f"{header[i].lower()} {row[i]}" for i in moved],
+                                     cols)
+    table = terminal.table([header[i] for i in keep], [[r[i] for i in keep] for r in body],
+                           cols, right=[k for k, i in enumerate(keep) if i in (3, 4, 5, 6)],
+                           shrink=[k for k, i in enumerate(keep) if i in (1, 2)])
+    lines = table[:1]
+    for row, note in zip(table[1:], notes, strict=True):
+        lines += [row, *note]
+    return lines
+
+
+def _natural_width(header: list[str], body: list[list[str]], keep: list[int]) -> int:
+    return sum(max(len(header[i]), *(len(r[i]) for r in body)) for i in keep) \
+        + 2 * (len(keep) - 1)
 
 
 # ---- trust ----------------------------------------------------------------------------
