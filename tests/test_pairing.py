@@ -17,13 +17,25 @@ from pathlib import Path
 
 import httpx
 import pytest
+import trio
 from spake2 import SPAKE2_A, SPAKE2_B
 
 from peers.trust import TrustStore
+from protocol import (
+    PAIR_LIMITS,
+    Error,
+    FrameDecoder,
+    PairConfirm,
+    PairDone,
+    PairReply,
+    PairStart,
+    encode_frame,
+)
 from qvacd.pairing import (
     MAX_FAILED_ATTEMPTS,
     PairCode,
     PairingError,
+    PairingService,
     confirmation,
     parse_code,
     transcript_hash,
@@ -260,3 +272,202 @@ def test_pairing_routes_need_the_token(start_daemon):
                       timeout=10).status_code == 401
     r = httpx.post(d.api + "/qvac/pair", json={}, timeout=10, headers=d.auth())
     assert r.status_code == 200 and r.json()["state"] == "open"
+
+
+# ---- two network namespaces, found by mDNS: the code carries no address -------------------
+
+
+class NamespaceDaemon(Daemon):
+    """A daemon inside network namespace `ns`, mDNS on, its API on the namespace's
+    address behind a token (the test reaches it across the bridge)."""
+
+    base_args = ("--listen", "/ip4/0.0.0.0/tcp/0")
+
+    def __init__(self, data_dir: Path, ns: str, ip: str, *args: str) -> None:
+        self.launcher = ("ip", "netns", "exec", ns, sys.executable, "-m", "qvacd.cli", "start")
+        super().__init__(data_dir, *args, env={"QVACD_API_TOKEN": "pair-ns-token"})
+        self.api = f"http://{ip}:{self.port}"
+        self.args = ["--api", f"{ip}:{self.port}", *args]
+
+
+def test_two_namespaces_pair_by_code_found_by_mdns(tmp_path, model_template):
+    from tests.harness import clone_data_dir
+    from tests.test_mdns import Bridge, _netns_available
+
+    why = _netns_available()
+    if why:
+        pytest.skip(f"{why}; run as root on Linux with iproute2 for this test")
+    bridge = Bridge()
+    daemons: list[NamespaceDaemon] = []
+    try:
+        bridge.up()
+        # The test itself talks to both APIs across the bridge, from the root namespace.
+        subprocess.run(["ip", "addr", "add", bridge.ips[0].rsplit(".", 1)[0] + ".254/24",
+                        "dev", bridge.br], check=True, capture_output=True)
+        for name, ns, ip, extra in (("a", bridge.ns[0], bridge.ips[0], ()),
+                                    ("b", bridge.ns[1], bridge.ips[1],
+                                     ("--memory-budget", "64MiB"))):
+            d = NamespaceDaemon(clone_data_dir(model_template, tmp_path / name), ns, ip, *extra)
+            daemons.append(d)
+            d.start()
+        big, small = daemons
+        ids = [d.status()["peer_id"] for d in daemons]
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # mDNS alone: no bootstrap anywhere
+            peers = httpx.get(small.api + "/qvac/peers", headers=small.auth(), timeout=5).json()
+            if any(p["peer_id"] == ids[0] and p.get("connected") for p in peers["peers"]):
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError(f"no mDNS connection between the namespaces:\n{small.log()}")
+        r = httpx.post(big.api + "/qvac/pair", json={}, headers=big.auth(), timeout=10)
+        assert r.status_code == 200, r.text
+        code = r.json()["code"]
+        assert "@" not in code
+        r = httpx.post(small.api + "/qvac/pair/join", json={"code": code},
+                       headers=small.auth(), timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["peer_id"] == ids[0]
+        assert trusted(big) == {ids[1]: ALL} and trusted(small) == {ids[0]: ALL}
+        deadline = time.monotonic() + 20
+        while True:  # the small node routes once it holds big's capacity record
+            r = httpx.post(small.api + "/v1/completions", headers=small.auth(), timeout=300,
+                           json={"model": MODEL, "prompt": "Hello", "max_tokens": 4})
+            if r.status_code == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-qvac-served-by"] == ids[0]
+    finally:
+        for d in daemons:
+            try:
+                d.stop()
+            except subprocess.TimeoutExpired:
+                pass
+        bridge.down()
+
+
+# ---- unit: the offering side's handler against a misbehaving peer --------------------------
+# The stream is an in-memory pipe (tests only); the trust store, codes and SPAKE2 are real.
+
+
+class _PipeEnd:
+    def __init__(self, send: trio.MemorySendChannel, recv: trio.MemoryReceiveChannel) -> None:
+        self.send, self.recv = send, recv
+
+    async def read(self, n: int | None = None) -> bytes:
+        try:
+            return await self.recv.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            return b""
+
+    async def write(self, data: bytes) -> None:
+        await self.send.send(data)
+
+    async def close(self) -> None:
+        await self.send.aclose()
+
+    async def reset(self) -> None:
+        await self.send.aclose()
+
+
+def _pipe() -> tuple[_PipeEnd, _PipeEnd]:
+    a_send, b_recv = trio.open_memory_channel(64)
+    b_send, a_recv = trio.open_memory_channel(64)
+    return _PipeEnd(a_send, a_recv), _PipeEnd(b_send, b_recv)
+
+
+class _Offences:
+    def __init__(self) -> None:
+        self.kinds: list[str] = []
+
+    def offence(self, kind: str, stream: object, peer: str) -> bool:
+        self.kinds.append(kind)
+        return False
+
+
+OFFERER = "12D3KooWPjceQrSwdWXPyLLeABRXmuqt69Rg3sBYbU1Nft9HyQ6X"
+JOINER = "12D3KooWH3uVF6wv47WnArKHk5p6cvgCJEb74UTmxztmQDc298L3"
+
+
+def _service(tmp_path: Path) -> tuple[PairingService, _Offences]:
+    net = _Offences()
+    return PairingService(OFFERER, TrustStore.in_dir(tmp_path), net), net  # type: ignore[arg-type]
+
+
+async def _talk(service: PairingService, frames: list[bytes], *, close: bool = True) -> list:
+    """Run the handler against a peer that sends `frames`; the messages it answered."""
+    ours, theirs = _pipe()
+    got = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(service.handle, ours, JOINER)
+        for f in frames:
+            await theirs.write(f)
+        if close:
+            await theirs.close()
+        decoder = FrameDecoder(PAIR_LIMITS)
+        while data := await theirs.read():
+            decoder.feed(data)
+            while (msg := decoder.next_message()) is not None:
+                got.append(msg)
+    return got
+
+
+async def test_handler_answers_junk_with_an_error_and_an_offence(tmp_path):
+    service, net = _service(tmp_path)
+    made = service.create_offer()
+    for frames, kind in (
+        ([b"\x05garbage"], "protocol"),
+        ([encode_frame(PairConfirm(confirm=b"\x00" * 32))], "protocol"),
+        ([encode_frame(PairStart(offer=made.code.offer % 99 + 1, pake=b"\x01" * 33))],
+         "pairing"),
+    ):
+        net.kinds.clear()
+        answers = await _talk(service, frames)
+        assert len(answers) == 1 and isinstance(answers[0], Error), answers
+        assert net.kinds == [kind]
+    assert made.state == "open" and made.failed == 0  # none of that was a guess at the code
+    assert TrustStore.in_dir(tmp_path).list() == []
+
+
+async def test_a_junk_pake_message_or_a_silent_joiner_costs_an_attempt(tmp_path, monkeypatch):
+    import qvacd.pairing as pairing
+
+    monkeypatch.setattr(pairing, "STEP_TIMEOUT_S", 0.3)
+    service, net = _service(tmp_path)
+    made = service.create_offer()
+    answers = await _talk(service, [encode_frame(PairStart(offer=made.code.offer,
+                                                           pake=b"\x07" * 33))])
+    assert isinstance(answers[0], Error) and made.failed == 1
+    spake = SPAKE2_B(made.code.password, idA=OFFERER.encode(), idB=JOINER.encode())
+    start = encode_frame(PairStart(offer=made.code.offer, pake=spake.start()))
+    answers = await _talk(service, [start], close=False)  # then never confirms
+    assert isinstance(answers[0], PairReply) and made.failed == 2
+    assert "pairing" in net.kinds and made.state == "open"
+    answers = await _talk(service, [start, encode_frame(PairConfirm(confirm=b"\x00" * 32))])
+    assert isinstance(answers[-1], Error) and made.failed == 3 and made.state == "dead"
+    assert TrustStore.in_dir(tmp_path).list() == []
+
+
+async def test_the_right_code_over_the_handler_trusts_the_joiner(tmp_path):
+    service, _ = _service(tmp_path)
+    made = service.create_offer(roles="consumer,seeder")
+    spake = SPAKE2_B(made.code.password, idA=OFFERER.encode(), idB=JOINER.encode())
+    pake_b = spake.start()
+    ours, theirs = _pipe()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(service.handle, ours, JOINER)
+        await theirs.write(encode_frame(PairStart(offer=made.code.offer, pake=pake_b)))
+        decoder = FrameDecoder(PAIR_LIMITS)
+        decoder.feed(await theirs.read())
+        reply = decoder.next_message()
+        assert isinstance(reply, PairReply) and reply.roles == ("consumer", "seeder")
+        key = spake.finish(reply.pake)
+        th = transcript_hash(OFFERER, JOINER, made.code.offer, reply.pake, pake_b, reply.roles)
+        assert reply.confirm == confirmation(key, b"A", th)
+        await theirs.write(encode_frame(PairConfirm(confirm=confirmation(key, b"B", th))))
+        decoder.feed(await theirs.read())
+        assert decoder.next_message() == PairDone(roles=("consumer", "seeder"))
+    assert made.state == "paired" and made.peer_id == JOINER
+    assert {e.peer_id: set(e.roles) for e in TrustStore.in_dir(tmp_path).list()} == {
+        JOINER: {"consumer", "seeder"}}
