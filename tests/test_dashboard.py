@@ -19,6 +19,7 @@ import base64
 import functools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -272,6 +273,54 @@ async def test_dashboard_shows_mesh_requests_and_a_moving_pull(mesh, tmp_path):
         assert_not_blank(png)
 
     await with_page(node.api + "/", body)
+
+
+@pytest.mark.timeout(180)
+async def test_dashboard_pairs_two_devices_with_a_code(mesh):
+    chromium()
+    for name in ("a", "b"):
+        mesh.add(name, "--no-preload")
+    a = await trio.to_thread.run_sync(mesh.start, "a")
+    b = await trio.to_thread.run_sync(lambda: mesh.start("b", bootstrap=["a"]))
+    if httpx.get(a.api + "/qvac/pair", timeout=10).status_code == 404:
+        pytest.skip("this daemon has no pairing routes (POST /qvac/pair); the page hides"
+                    " its pair box then, which the test above checks")
+    a_id, b_id = mesh.ids["a"], mesh.ids["b"]
+
+    async def on_b(dt: DevTools) -> None:
+        # A wrong code typed on b: one line on the page, nothing trusted on either side.
+        await dt.wait_js("!document.getElementById('pair-box').hidden", 20, "the pair box")
+        await dt.js("document.getElementById('pair-code').value = '1-0000-0000';"
+                    " document.getElementById('pair-join-form').requestSubmit(); true")
+        msg = await dt.wait_js("(t => t.startsWith('pairing failed') && t)"
+                               "(document.getElementById('pair-result').textContent)", 60,
+                               "the wrong code refused")
+        assert "\n" not in msg and len(msg) < 300, msg
+        assert TrustStore.in_dir(b.data_dir).get(a_id) is None
+        assert TrustStore.in_dir(a.data_dir).get(b_id) is None
+
+    await with_page(b.api + "/", on_b)
+
+    async def on_a(dt: DevTools) -> None:
+        await dt.wait_js("!document.getElementById('pair-box').hidden", 20, "the pair box")
+        await dt.js("document.getElementById('pair-roles').value = 'consumer,provider';"
+                    " document.getElementById('pair-show-form').requestSubmit(); true")
+        code = await dt.wait_js("(c => c && c.textContent)"
+                                "(document.querySelector('#pair-result code'))", 20, "a code")
+        assert re.fullmatch(r"\d{1,2}-\d{4}-\d{4}", code), code
+        # b types the code (the route the join form posts to); a's page follows the offer.
+        r = await trio.to_thread.run_sync(lambda: httpx.post(
+            b.api + "/qvac/pair/join", json={"code": code}, timeout=60))
+        assert r.status_code == 200, r.text
+        await dt.wait_js(f"(t => t.includes('paired') && t.includes('{b_id}'))"
+                         "(document.getElementById('pair-result').innerText)", 30,
+                         "the offer paired with b")
+        row = f"document.querySelector('#peers-body tr[data-peer-id=\"{b_id}\"]')"
+        await dt.wait_js(f"{row} && {row}.innerText.includes('yes')", 20, "b trusted")
+
+    await with_page(a.api + "/", on_a)
+    entry = TrustStore.in_dir(a.data_dir).get(b_id)
+    assert entry is not None and {"consumer", "provider"} <= entry.roles
 
 
 @pytest.mark.timeout(120)

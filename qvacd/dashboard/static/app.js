@@ -315,9 +315,15 @@ async function pair(path, body) {
   out.textContent = path.endsWith("join") ? "joining…" : "asking for a code…";
   try {
     const r = await call("POST", path, body);
-    if (r.status === 404) { $("pair-box").hidden = true; showError("this daemon has no pairing routes"); return; }
     let data = null;
     try { data = await r.json(); } catch (_) { /* not JSON */ }
+    if (r.status === 404 && !(data && data.error)) {
+      // The router's own 404 (no JSON error): this daemon has no pairing routes. A 404
+      // with an error is the pairing's answer (e.g. no such offer for that code).
+      $("pair-box").hidden = true;
+      showError("this daemon has no pairing routes");
+      return;
+    }
     if (!r.ok) throw new Error(errorText(data, r.status));
     showPairAnswer(data);
     if (data && data.offer !== undefined && data.state === "open") await followOffer(data.offer);
