@@ -471,3 +471,25 @@ async def test_the_right_code_over_the_handler_trusts_the_joiner(tmp_path):
     assert made.state == "paired" and made.peer_id == JOINER
     assert {e.peer_id: set(e.roles) for e in TrustStore.in_dir(tmp_path).list()} == {
         JOINER: {"consumer", "seeder"}}
+
+
+def test_ctrl_c_cancels_the_offer(start_daemon):
+    import signal
+
+    d = start_daemon(name="cancel")
+    shower = subprocess.Popen([sys.executable, "-m", "qvacd.cli", "pair", "--minutes", "3",
+                               *api_arg(d)], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    try:
+        code = shower.stdout.readline().strip().removeprefix("code: ")
+        number = parse_code(code)[0].offer
+        assert httpx.get(f"{d.api}/qvac/pair/{number}", timeout=10).json()["state"] == "open"
+        time.sleep(0.5)  # into the long poll
+        shower.send_signal(signal.SIGINT)
+        out, _ = shower.communicate(timeout=30)
+    finally:
+        if shower.poll() is None:
+            shower.kill()
+    assert shower.returncode == 130 and "cancelled; the code no longer works" in out
+    view = httpx.get(f"{d.api}/qvac/pair/{number}", timeout=10).json()
+    assert view["state"] == "cancelled" and "code" not in view
