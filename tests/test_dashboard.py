@@ -241,6 +241,8 @@ async def test_dashboard_shows_mesh_requests_and_a_moving_pull(mesh, tmp_path):
                             "(document.querySelector('#pulls-list progress'))")
             if v and v[1] > 1 and (not seen or v[0] != seen[-1]):
                 seen.append(v[0])
+                if len([x for x in seen if x > 0]) == 2:  # the bar part-way, in a picture
+                    assert_not_blank(await dt.screenshot(tmp_path / "dashboard-pull.png"))
             if await dt.js("document.getElementById('pull-result').textContent"
                            ".startsWith('pulled')"):
                 break
