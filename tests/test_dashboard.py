@@ -412,7 +412,7 @@ def test_dashboard_routes_refuse_bad_input_in_one_line(start_daemon):
     assert pulls == {"pulls": [], "available": True}
 
 
-async def test_recorder_counts_requests_and_samples_once_a_second():
+async def test_recorder_counts_requests_and_samples_once_a_second(autojump_clock):
     rec = ActivityRecorder(recent=2, history_s=3)
     a = rec.begin("/v1/completions", "m", stream=True)
     rec.routed(a, ["peer-a"], "remote")
@@ -436,7 +436,7 @@ async def test_recorder_counts_requests_and_samples_once_a_second():
                                                                (b.id, "cancelled")]
     assert snap["recent"][0]["error"] == "model 'm' not found"
 
-    # The sampler, at 0.1 s so the test is quick; it stops itself after 4 samples.
+    # The sampler on trio's autojump clock (spans of exactly 0.1 s); it stops after 4 samples.
     calls: list[int] = []
     with trio.CancelScope() as scope:
 

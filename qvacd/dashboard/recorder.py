@@ -113,7 +113,8 @@ class ActivityRecorder:
 
     def sample(self, engine_tokens_per_s: float, *, now: float | None = None,
                delivered_since_last: int | None = None) -> None:
-        """One point of the history (called once a second by `run`)."""
+        """One point of the history (called once a second by `run`): tokens/s delivered
+        to clients since the last point, and the engine's own rate."""
         self.history.append((time.time() if now is None else now,
                              float(delivered_since_last or 0), float(engine_tokens_per_s)))
 
@@ -122,12 +123,16 @@ class ActivityRecorder:
         """Sample once per `interval_s` until cancelled (the node's nursery owns it)."""
         last = self._delivered
         task_status.started()
-        next_at = trio.current_time()
+        next_at = prev = trio.current_time()
         while True:
-            next_at += interval_s
+            # A loop that fell behind (a blocked event loop) skips ticks instead of
+            # firing a burst of them to catch up; each point still covers its real span.
+            next_at = max(next_at + interval_s, trio.current_time())
             await trio.sleep_until(next_at)
+            now = trio.current_time()
+            span, prev = max(now - prev, 1e-3), now
             delivered, last = self._delivered - last, self._delivered
-            self.sample(engine_tokens_per_s(), delivered_since_last=round(delivered / interval_s))
+            self.sample(engine_tokens_per_s(), delivered_since_last=round(delivered / span))
 
     def snapshot(self) -> dict[str, Any]:
         now = time.monotonic()
