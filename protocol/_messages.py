@@ -73,6 +73,7 @@ MAX_NAME_LEN = 256  # model names, roles, stop strings
 MAX_PAKE_MESSAGE = 64  # a SPAKE2 message (33 bytes over Ed25519)
 PAIR_MAC_LEN = 32  # HMAC-SHA256
 MAX_PAIR_ROLES = 8
+MAX_CERTIFICATE_LEN = 4096  # a mesh certificate's text (peers/mesh.py makes ~400)
 MAX_STOP = 16  # stop strings per request
 MAX_ERROR_MESSAGE_LEN = 4096
 MAX_DEADLINE_MS = 24 * 3600 * 1000  # nobody waits a day for one answer
@@ -556,13 +557,18 @@ class PairConfirm(_Message):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class PairDone(_Message):
-    """The offerer verified the joiner's confirmation and trusts it with `roles`."""
+    """The offerer verified the joiner's confirmation and trusts it with `roles`; an
+    offerer that owns a mesh adds a membership certificate for the joiner (opaque here)."""
 
     tag: ClassVar[str] = "paird"
     roles: tuple[str, ...]
+    certificate: str | None = None
 
     def __post_init__(self) -> None:
         _set(self, "roles", _check_roles("PairDone.roles", self.roles))
+        if self.certificate is not None:
+            _check_str("PairDone.certificate", self.certificate, max_len=MAX_CERTIFICATE_LEN,
+                       min_len=1)
 
 
 def _check_mac(where: str, value: object) -> bytes:

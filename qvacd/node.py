@@ -142,7 +142,7 @@ class Node:
                 "/p2p-circuit" not in a, "/ip4/127." in a or "/ip6/::1/" in a))
 
         self.pairing = PairingService(self.node_id, self.trust, network, link_addrs=link_addrs,
-                                      registry=self.metrics.registry)
+                                      registry=self.metrics.registry, mesh=self.mesh)
         network.set_stream_handler(PAIR_PROTOCOL, self.pairing.handle)
 
     def _may_consume(self, peer_id: str) -> bool:

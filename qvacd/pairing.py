@@ -14,8 +14,9 @@ those two devices. An eavesdropper learns nothing; an active attacker (a fake mD
 responder, a third node that knows both peer ids) gets one guess per attempt and
 cannot test guesses offline. Both sides then prove they hold the key (HMACs over the
 transcript, the offered roles included); only after both checks does each side add the
-other to its trust store (peers/trust.py) with the offered roles. The exact exchange is
-in docs/protocol.md.
+other to its trust store (peers/trust.py) with the offered roles; an offering device
+that owns a mesh (peers/mesh.py) also issues the joiner a membership certificate, so the
+mesh's other devices trust it too. The exact exchange is in docs/protocol.md.
 
 Attempts are limited where the guesses land, on the offering device: one at a time per
 offer, every attempt that does not end in a pairing is counted as failed, and the offer
@@ -67,6 +68,7 @@ MAX_KEPT_OFFERS = 32  # finished offers kept to say "used"/"expired" instead of 
 KEEP_FINISHED_S = 600.0
 DEFAULT_MINUTES = 5.0
 MAX_MINUTES = 60.0
+MESH_CERT_DAYS = 90  # what `qvacd mesh invite` gives by default
 STEP_TIMEOUT_S = 10.0  # one read of the exchange; a person is not waiting on these
 FIND_PEERS_S = 5.0  # how long a just-started joiner waits for mDNS to connect it to someone
 YOUNG_S = 30.0  # "just started": later, no connected peer now means none soon either
@@ -188,13 +190,24 @@ class TrustEdit(Protocol):
     def add(self, peer_id: str, roles: Iterable[str] | str, note: str | None = None) -> Any: ...
 
 
+class MeshEdit(Protocol):
+    """What pairing needs of peers.mesh.MeshStore."""
+
+    @property
+    def is_owner(self) -> bool: ...
+    def invite(self, peer_id: str, roles: Iterable[str] | str, days: float) -> str: ...
+    def join(self, text: str) -> Any: ...
+
+
 class PairingService:
     """Offers made here, the server side of `/qvac/pair/1.0.0`, and joining others'."""
 
     def __init__(self, node_id: str, trust: TrustEdit, network: PairNetwork, *,
-                 link_addrs: Callable[[], list[str]] = list, registry: Any = None) -> None:
+                 link_addrs: Callable[[], list[str]] = list, registry: Any = None,
+                 mesh: MeshEdit | None = None) -> None:
         self.node_id = node_id
         self.trust = trust
+        self.mesh = mesh
         self.network = network
         self.link_addrs = link_addrs
         self.offers: dict[int, Offer] = {}
@@ -423,8 +436,19 @@ class PairingService:
         self._count("offer", "paired")
         log.info("paired with %s through offer %d; trusted it as %s", peer, offer.code.offer,
                  ",".join(offer.roles))
-        await fs.send(PairDone(roles=offer.roles))
+        await fs.send(PairDone(roles=offer.roles, certificate=self._certificate_for(peer, offer)))
         return True
+
+    def _certificate_for(self, peer: str, offer: Offer) -> str | None:
+        """A mesh membership certificate for `peer`, when this node owns a mesh, so that
+        the mesh's other devices trust it too; the explicit trust stands either way."""
+        if self.mesh is None or not self.mesh.is_owner:
+            return None
+        try:
+            return self.mesh.invite(peer, offer.roles, MESH_CERT_DAYS)
+        except Exception as e:  # noqa: BLE001 - MeshError, an unreadable owner key
+            log.warning("paired with %s, but could not issue its mesh certificate: %s", peer, e)
+            return None
 
     # -- the joining side --
 
@@ -531,7 +555,21 @@ class PairingService:
                                f" file: {e}") from None
         log.info("paired with %s (offer %d); trusted it as %s", peer, code.offer,
                  ",".join(roles))
+        if done.certificate is not None:
+            self._join_mesh(peer, done.certificate)
         return roles
+
+    def _join_mesh(self, peer: str, certificate: str) -> None:
+        if self.mesh is None:
+            return
+        try:
+            self.mesh.join(certificate)
+        except Exception as e:  # noqa: BLE001 - MeshError: another mesh, not for us, expired
+            log.warning("paired with %s; kept its explicit trust, but not the mesh certificate"
+                        " it issued: %s", short_peer_id(peer), e)
+            return
+        log.info("joined the mesh of %s with the certificate it issued when pairing",
+                 short_peer_id(peer))
 
     def _best_failure(self, code: PairCode, failures: list[PairingError],
                       linked: bool) -> PairingError:

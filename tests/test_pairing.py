@@ -493,3 +493,22 @@ def test_ctrl_c_cancels_the_offer(start_daemon):
     assert shower.returncode == 130 and "cancelled; the code no longer works" in out
     view = httpx.get(f"{d.api}/qvac/pair/{number}", timeout=10).json()
     assert view["state"] == "cancelled" and "code" not in view
+
+
+def test_a_mesh_owner_issues_the_joiner_a_certificate(mesh):
+    from peers.mesh import MeshStore, parse_certificate
+
+    mesh.add("owner")
+    mesh.add("newcomer")
+    assert cli("mesh", "init", "--data-dir", str(mesh.nodes["owner"].data_dir)).returncode == 0
+    owner = mesh.start("owner")
+    newcomer = mesh.start("newcomer", bootstrap=["owner"])
+    wait_connected(newcomer, mesh.ids["owner"])
+    r = join(newcomer, offer(owner, roles="consumer,provider")["code"])
+    assert r.status_code == 200, r.text
+    assert trusted(owner) == {mesh.ids["newcomer"]: {"consumer", "provider"}}
+    cert_text = MeshStore(newcomer.data_dir, own_peer_id=mesh.ids["newcomer"]).own_certificate
+    assert cert_text is not None, newcomer.log()
+    cert = parse_certificate(cert_text)
+    assert cert.peer_id == mesh.ids["newcomer"] and set(cert.roles) == {"consumer", "provider"}
+    assert "joined the mesh of" in newcomer.log()

@@ -89,6 +89,7 @@ EXAMPLES: list[protocol.Message] = [
     PairReply(pake=b"\x02" * 33, roles=("consumer", "provider"), confirm=b"\x03" * 32),
     PairConfirm(confirm=b"\x04" * 32),
     PairDone(roles=("seeder",)),
+    PairDone(roles=("consumer",), certificate="qvac-cert-1:opaque"),
 ]
 
 
@@ -278,7 +279,7 @@ SCHEMA: dict[str, dict[str, str]] = {
     "pairq": {"offer": "int", "pake": "bin"},
     "pairs": {"pake": "bin", "roles": "array", "confirm": "bin"},
     "pairc": {"confirm": "bin"},
-    "paird": {"roles": "array"},
+    "paird": {"roles": "array", "certificate": "str?"},
 }
 SAMPLES = {"str": "x", "int": 1, "float": 0.5, "bin": b"x", "bool": True, "array": ["x"],
            "map": {"x": 1}}
@@ -384,6 +385,8 @@ OUT_OF_RANGE = [
     ({"t": "paird", "roles": ["r"] * 9}, ErrorCode.BAD_REQUEST),
     ({"t": "paird", "roles": [""]}, ErrorCode.BAD_REQUEST),
     ({"t": "paird", "roles": [1]}, ErrorCode.PROTOCOL),
+    ({"t": "paird", "roles": ["r"], "certificate": ""}, ErrorCode.BAD_REQUEST),
+    ({"t": "paird", "roles": ["r"], "certificate": "c" * 4097}, ErrorCode.TOO_LARGE),
 ]
 
 
