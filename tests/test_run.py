@@ -3,7 +3,8 @@
 tmux gives the chat a terminal, so `input()`, line editing and Ctrl-C (SIGINT to the
 foreground process) behave as they do for a person; send-keys types, capture-pane
 reads the screen. Each test has its own tmux server (-L) so parallel runs and a user's
-own tmux are left alone.
+own tmux are left alone. The one-line errors and the delegated chat (a node without
+room for the model, its peer serving) need no terminal: they read piped stdin.
 """
 
 from __future__ import annotations
@@ -189,3 +190,22 @@ def test_no_daemon_and_unknown_model_are_one_line(start_daemon, tmp_path: Path) 
     assert r.returncode == 1 and r.stdout == "", r
     assert r.stderr.count("\n") == 1 and "'no-such-model' is neither here" in r.stderr
     assert MODEL in r.stderr and "qvacd models pull no-such-model" in r.stderr
+
+
+def test_a_chat_on_a_node_without_room_is_served_by_its_peer(mesh) -> None:
+    mesh.add("laptop", "--memory-budget", "64MiB")  # the model does not fit here
+    mesh.add("desktop")
+    mesh.trust("laptop", "desktop", ["consumer", "provider", "seeder"])
+    mesh.trust("desktop", "laptop", ["consumer", "provider", "seeder"])
+    mesh.start("desktop")
+    small = mesh.start("laptop", bootstrap=["desktop"])
+    mesh.wait_peers("laptop", ["desktop"], timeout=30)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QVACD_")}
+    r = subprocess.run(
+        [sys.executable, "-m", "qvacd.cli", "run", MODEL, "-v", "--temperature", "0",
+         "--max-tokens", "40", "--api", small.api.removeprefix("http://")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        input='"""What is the capital\nof France?"""\n/bye\n')
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout, r.stdout
+    assert f"served by {mesh.ids['desktop']}" in r.stderr, r.stderr

@@ -60,7 +60,7 @@ def systemd_quote(arg: str) -> str:
 def systemd_unit(argv: list[str], data_dir: Path) -> str:
     return "\n".join([
         "# written by `qvacd service install`; `qvacd service uninstall` removes it",
-        f"# data dir: {data_dir}",
+        f"# data dir: {data_dir}; options go in its config.toml (`qvacd start --help`)",
         "[Unit]",
         "Description=qvacd peer-to-peer inference daemon",
         "",
