@@ -213,6 +213,21 @@ async def test_dashboard_shows_mesh_requests_and_a_moving_pull(mesh, tmp_path):
                                 f"{row}.innerText", 30, "the seeder with its model")
         assert seeder_id in text and "yes" in text and "provider" in text, text
 
+        # A request in flight, delegated to the seeder: a row 'running', served by the
+        # seeder; the client going away makes it 'cancelled'.
+        running = ("(t => t.includes('running') && t.includes('{}') && t)"
+                   "(document.getElementById('requests-body').innerText)").format(short(seeder_id))
+        async with httpx.AsyncClient(timeout=120) as c:
+            async with c.stream("POST", node.api + "/v1/completions", json={
+                    "model": MODEL, "prompt": "Tell me a story", "max_tokens": 400,
+                    "stream": True}) as stream:
+                assert stream.status_code == 200
+                lines = stream.aiter_lines()  # kept: a dropped iterator closes the stream
+                await lines.__anext__()  # the first chunk is here
+                await dt.wait_js(running, 15, "the request in flight")
+        await dt.wait_js("document.getElementById('requests-body').innerText"
+                         ".includes('cancelled')", 15, "the request cancelled by its client")
+
         # A request this node cannot serve goes to the seeder: the table names who served it.
         r = await trio.to_thread.run_sync(lambda: httpx.post(
             node.api + "/v1/completions", timeout=120, json={
