@@ -51,9 +51,9 @@ class Pane:
         return self.tmux("capture-pane", "-p", "-J", "-t", "t", "-S", "-2000")
 
     def exited(self) -> tuple[bool, str]:
-        """(its process has ended, exit status). tmux sometimes marks a pane dead and
-        never reports the status (seen with 3.3a under load); then the process must be
-        gone, and the status reads "?"."""
+        """(its process has ended, exit status). tmux 3.3a sometimes marks a pane dead
+        and never reaps its process (seen under load: a zombie, its status never read);
+        then the process must be gone or a zombie, and the status reads "?"."""
         dead, status, signal, pid = self.tmux(
             "display", "-p", "-t", "t",
             "#{pane_dead},#{pane_dead_status},#{pane_dead_signal},#{pane_pid}"
@@ -63,10 +63,17 @@ class Pane:
         if status or signal:
             return True, status or f"signal {signal}"
         try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return True, "?"
-        return False, ""
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except FileNotFoundError:
+            return True, "?"  # gone
+        except OSError:  # no /proc here: ask the kernel whether the pid exists
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                return True, "?"
+            return False, ""
+        zombie = stat.rsplit(")", 1)[1].split()[0] == "Z"
+        return (True, "?") if zombie else (False, "")
 
     def wait_exit(self, timeout: float = 20) -> str:
         deadline = time.monotonic() + timeout
@@ -75,8 +82,11 @@ class Pane:
             if done:
                 return status
             time.sleep(0.1)
-        raise AssertionError(f"the chat did not exit in {timeout}s; the screen:\n"
-                             f"{self.screen()}")
+        raw = self.tmux("display", "-p", "-t", "t", "#{pane_dead} #{pane_pid}").split()
+        ps = subprocess.run(["ps", "-o", "pid,ppid,stat,cmd", "-p", raw[-1]],
+                            capture_output=True, text=True).stdout
+        raise AssertionError(f"the chat did not exit in {timeout}s (pane dead {raw[0]};"
+                             f" {ps}); the screen:\n{self.screen()}")
 
     def wait(self, cond: Callable[[str], bool], what: str, timeout: float = 60) -> str:
         deadline = time.monotonic() + timeout
