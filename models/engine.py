@@ -156,6 +156,10 @@ class _Model:
     waiting: int = 0
     active: int = 0
     last_used: float = 0.0
+    # How long the model stays loaded after its last request (Ollama's keep_alive):
+    # None = until the memory budget needs the room (LRU), the default; 0 = unload as soon
+    # as it is idle.
+    keep_alive: float | None = None
     tokens_per_s: float | None = None
     load_lock: trio.Lock = field(default_factory=trio.Lock)
 
@@ -211,12 +215,57 @@ class Engine:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 task_status.started()
-                await trio.sleep_forever()
+                while True:  # keep_alive expiry; a model in use is never unloaded
+                    await trio.sleep(1.0)
+                    self._unload_expired()
         finally:
             self._nursery = None
             for m in self._models.values():
                 if m.runner is not None:
                     m.runner.stop()
+
+    # ---- keep_alive and unloading ------------------------------------------------------
+
+    def set_keep_alive(self, entry: ModelEntry, seconds: float | None) -> None:
+        """Keep `entry` loaded `seconds` after its last request (None: until evicted;
+        0: unload once idle). It holds until changed: the HTTP API sets it on every request
+        (the client's keep_alive, or the default), as Ollama does."""
+        m = self._model_for(entry)
+        m.keep_alive = None if seconds is None or seconds < 0 else float(seconds)
+        self._unload_expired()
+
+    def expires_at(self, entry: ModelEntry) -> float | None:
+        """Unix time at which an idle loaded model will be unloaded; None: not planned."""
+        m = self._models.get(entry.sha256)
+        if m is None or m.runner is None or m.keep_alive is None:
+            return None
+        idle_for = 0.0 if (m.active or m.waiting) else time.monotonic() - m.last_used
+        return time.time() + max(0.0, m.keep_alive - idle_for)
+
+    def unload(self, entry: ModelEntry) -> bool:
+        """Unload now if idle (True); a model in use is unloaded when its last request
+        ends (False)."""
+        m = self._models.get(entry.sha256)
+        if m is None or m.runner is None:
+            return True
+        m.keep_alive = 0.0
+        return self._unload_expired(only=entry.sha256) > 0
+
+    def _unload_expired(self, only: str | None = None) -> int:
+        now = time.monotonic()
+        done = 0
+        for sha, m in list(self._models.items()):
+            if only is not None and sha != only:
+                continue
+            if m.runner is None or m.keep_alive is None or m.active or m.waiting:
+                continue
+            if now - m.last_used >= m.keep_alive:
+                log.info("unloading %s (keep_alive %.0fs passed)", m.entry.name, m.keep_alive)
+                m.runner.stop()
+                m.runner = None
+                done += 1
+                self.on_change()
+        return done
 
     # ---- what we can run --------------------------------------------------------------
 
@@ -485,6 +534,8 @@ class Engine:
             m.last_used = time.monotonic()
             assert m.sequences is not None
             m.sequences.release()
+            if m.keep_alive == 0.0:
+                self._unload_expired(only=entry.sha256)
             self.on_change()
 
         submitted: tuple[BatchRunner, SequenceRequest] | None = None
