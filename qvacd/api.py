@@ -10,6 +10,7 @@ disconnects, which frees the slot within one token.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import math
 import time
@@ -641,7 +642,7 @@ def build_app(node: ServedNode) -> Starlette:
     token = node.config.api_token
     if token:
         return _TokenGuard(app, token)  # type: ignore[return-value]
-    return app
+    return _LoopbackHostGuard(app)  # type: ignore[return-value]
 
 
 def _param_size(n: int) -> str:
@@ -650,6 +651,43 @@ def _param_size(n: int) -> str:
     if n >= 1e6:
         return f"{n / 1e6:.0f}M"
     return str(n)
+
+
+def _is_loopback_host(host: str) -> bool:
+    if host.startswith("["):  # [v6]:port
+        name = host[1:host.find("]")] if "]" in host else host
+    elif host.count(":") == 1:  # name:port or v4:port
+        name = host.rsplit(":", 1)[0]
+    else:  # a name, a v4 address, or a bare v6 address
+        name = host
+    name = name.lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+class _LoopbackHostGuard:
+    """Without a token the API listens on loopback only, but a web page the user opens
+    could still reach it by DNS rebinding (its own name pointed at 127.0.0.1). A request
+    whose Host is not a loopback name is refused, as Ollama does with its allowed hosts."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
+            if host and not _is_loopback_host(host):
+                body = {"error": {"message": f"Host {host!r} is not a loopback name; call"
+                                  " http://127.0.0.1:PORT, or set --api-token to serve other"
+                                  " names", "type": "permission_error", "param": None,
+                                  "code": None}}
+                await JSONResponse(body, status_code=403)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class _TokenGuard:
