@@ -292,6 +292,57 @@ class ModelStore:
         self.reload()
         return entry
 
+    def copy(self, source: str, destination: str) -> ModelEntry:
+        """A second name for the same blob (Ollama's copy): no bytes are copied."""
+        entry = self.resolve(source)
+        if entry is None:
+            raise StoreError(f"no model named {source!r}; models here: "
+                             f"{', '.join(self.names()) or 'none'}")
+        dest = normalize_name(destination)
+        if not _NAME_RE.match(dest):
+            raise StoreError(f"invalid model name {destination!r}: use lowercase letters,"
+                             " digits, '.', '-', '_'")
+        if self.resolve(dest) is not None:
+            raise StoreError(f"a model named {dest!r} exists already; remove it first")
+        return self._register(dest, entry.sha256, entry.size, self.info(entry))
+
+    def has_blob(self, sha256: str) -> bool:
+        return bool(_SHA_RE.match(sha256)) and self.blob_path(sha256).is_file()
+
+    def commit_blob(self, tmp: Path, sha256: str) -> None:
+        """Move a fully written upload into blobs/ once it parses as GGUF (no name yet:
+        `create_from_blob` gives it one). A file that does not parse is refused."""
+        try:
+            read_gguf(tmp)
+        except GGUFError as e:
+            raise StoreError(f"the blob is not a usable GGUF file ({e}); only GGUF models"
+                             " can be uploaded") from e
+        dest = self.blob_path(sha256)
+        if not dest.exists():
+            os.chmod(tmp, 0o444)
+            os.replace(tmp, dest)
+
+    def create_from_blob(self, name: str, sha256: str) -> ModelEntry:
+        """Register a blob already in blobs/ under `name`, after checking that it parses
+        as GGUF and that its bytes still hash to `sha256` (blocking: one read of the file)."""
+        name = normalize_name(name)
+        if not _NAME_RE.match(name):
+            raise StoreError(f"invalid model name {name!r}: use lowercase letters, digits,"
+                             " '.', '-', '_'")
+        if not self.has_blob(sha256):
+            raise StoreError(f"no blob sha256:{sha256} here; upload it first with"
+                             f" POST /api/blobs/sha256:{sha256}")
+        path = self.blob_path(sha256)
+        try:
+            info = read_gguf(path)
+        except GGUFError as e:
+            raise StoreError(f"blob sha256:{sha256} is not a usable GGUF file ({e})") from e
+        got = sha256_file(path)
+        if got != sha256:
+            raise StoreError(f"blob sha256:{sha256} is corrupt (its bytes hash to {got});"
+                             " upload it again")
+        return self._register(name, sha256, path.stat().st_size, info)
+
     def clean_tmp(self) -> None:
         """Drop leftovers of imports that were interrupted (they were never visible)."""
         for p in self.tmp.glob("import-*"):

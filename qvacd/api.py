@@ -34,6 +34,8 @@ from . import __version__
 from .dashboard import PUBLIC_PATHS, dashboard_routes
 from .local_engine import LocalEngine
 from .metrics import CONTENT_TYPE, Metrics
+from .models_api import (KeepAliveError, apply_keep_alive, model_routes, parse_keep_alive,
+                         unload_model)
 from .pair_api import pair_routes
 
 if TYPE_CHECKING:
@@ -533,6 +535,12 @@ def build_app(node: ServedNode) -> Starlette:
                 "parameter_size": _param_size(info.get("parameters", 0)),
                 "quantization_level": info.get("quantization", "")}
 
+    def keep_alive_of(body: dict[str, Any]) -> float | None:
+        try:
+            return parse_keep_alive(body.get("keep_alive"))
+        except KeepAliveError as e:
+            raise ApiError(400, str(e), param="keep_alive") from e
+
     @wrap(ollama_error, "/api/tags")
     async def api_tags(request: Request) -> Response:
         models = []
@@ -552,13 +560,20 @@ def build_app(node: ServedNode) -> Starlette:
         prompt = field(body, "prompt", str, "")
         system = field(body, "system", str, "")
         stream = field(body, "stream", bool, True)
+        keep_alive = keep_alive_of(body)
         if not prompt and not system:
+            if keep_alive == 0:  # Ollama's "unload the model" call
+                entry = unload_model(node, model)
+                return JSONResponse({"model": f"{entry.name}:latest", "created_at": now_iso(),
+                                     "response": "", "done": True, "done_reason": "unload"})
             # Ollama's "load the model" call: answer done without generating.
             entry = engine.resolve(model)
             if engine.fits(entry):
                 await engine.preload(model)
+                apply_keep_alive(node, model, keep_alive)
             return JSONResponse({"model": f"{entry.name}:latest", "created_at": now_iso(),
                                  "response": "", "done": True, "done_reason": "load"})
+        apply_keep_alive(node, model, keep_alive)
         if system and not field(body, "raw", bool, False):
             prompt = f"{system}\n\n{prompt}"
         req = ollama_request(body, model, prompt)
@@ -571,8 +586,15 @@ def build_app(node: ServedNode) -> Starlette:
         t0 = time.monotonic()
         body = await read_json(request)
         model = _model_name(body)
+        keep_alive = keep_alive_of(body)
+        if keep_alive == 0 and not body.get("messages"):  # Ollama's "unload the model" call
+            entry = unload_model(node, model)
+            return JSONResponse({"model": f"{entry.name}:latest", "created_at": now_iso(),
+                                 "message": {"role": "assistant", "content": ""},
+                                 "done": True, "done_reason": "unload"})
         messages = normalize_messages(body.get("messages"))
         stream = field(body, "stream", bool, True)
+        apply_keep_alive(node, model, keep_alive)
         req = dataclasses.replace(ollama_request(body, model, ""), messages=tuple(messages))
         return InferenceResponse(node, req, ollama_format(model, True, t0), stream=stream,
                                  local_only=_local_only(request, body),
@@ -637,6 +659,8 @@ def build_app(node: ServedNode) -> Starlette:
         Route("/qvac/peers", qvac_peers, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         *pair_routes(node),  # type: ignore[arg-type]
+        *model_routes(node, details=ollama_details, error_cls=ApiError, read_json=read_json,
+                      wrap=lambda endpoint: wrap(ollama_error, endpoint)),
     ]
     app = Starlette(routes=routes)
     token = node.config.api_token

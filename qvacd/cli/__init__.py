@@ -5,6 +5,7 @@ One module per command family, each with its `cmd_*` functions:
     daemon.py   start (runs the daemon here), status, generate, id
     models.py   models list|add|show|rm (the local store)
     pull.py     models pull (asks the daemon, draws its progress)
+    ps.py       ps (the models the daemon has loaded)
     peers.py    peers (asks the daemon), trust ..., mesh ... (files in the data dir)
     pair.py     pair [CODE] (a one-time code, through the daemon)
     run.py      run MODEL (a chat in the terminal, through the daemon's API)
@@ -24,7 +25,7 @@ import sys
 
 from .. import __version__
 from ..config import add_data_dir_arg, add_start_args
-from . import daemon, models, pair, peers, pull, run, service
+from . import daemon, models, pair, peers, ps, pull, run, service
 from .common import CliError, add_client_args
 
 __all__ = ["CliError", "build_parser", "main"]
@@ -54,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--verbose", "-v", action="store_true", help="print which node served")
     add_client_args(s)
     s.set_defaults(fn=daemon.cmd_generate)
+
+    s = sub.add_parser("ps", help="list the models the running daemon has loaded")
+    s.add_argument("--json", action="store_true")
+    add_client_args(s)
+    s.set_defaults(fn=ps.cmd_ps)
 
     s = sub.add_parser("status", help="show the running daemon's state")
     s.add_argument("--json", action="store_true")
@@ -139,9 +145,9 @@ def _add_models_commands(sub: argparse._SubParsersAction) -> None:
                    help="fetch only from this peer")
     add_client_args(s)
     s.set_defaults(fn=pull.cmd_models_pull)
-    s = m.add_parser("rm", help="remove a model")
+    s = m.add_parser("rm", help="remove a model (through the daemon when one runs)")
     s.add_argument("name")
-    add_data_dir_arg(s)
+    add_client_args(s)
     s.set_defaults(fn=models.cmd_models_rm)
 
 

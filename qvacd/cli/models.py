@@ -78,8 +78,18 @@ def cmd_models_show(args: argparse.Namespace) -> int:
 
 
 def cmd_models_rm(args: argparse.Namespace) -> int:
+    """With a daemon running on this data dir, it deletes (DELETE /api/delete: it unloads
+    the model first and refuses while a request uses it); without one, the store directly."""
     from models.store import StoreError
 
+    from ..daemon_file import running_daemon_api
+
+    if getattr(args, "api", None) or running_daemon_api(data_dir_of(args)):
+        from .client import DaemonClient
+
+        DaemonClient.for_args(args).send_json("DELETE", "/api/delete", {"model": args.name})
+        print(f"removed {args.name}")
+        return 0
     try:
         e = _store(args).remove(args.name)
     except StoreError as err:
