@@ -34,6 +34,7 @@ import trio
 
 from .batch_runner import BatchRunner, Sampling, SequenceOutcome, SequenceRequest
 from .chat import render_chat
+from .embedding import EmbeddingResult, EmbeddingRunner, InputTooLong, pooling_for
 from .gguf import GGUFInfo
 from .store import ModelEntry, ModelStore
 
@@ -208,6 +209,9 @@ class Engine:
         self._tps: dict[str, float] = {}  # measured tokens/s by sha256, kept after unload
         self._nursery: trio.Nursery | None = None
         self.on_change: Callable[[], None] = lambda: None  # capacity changed
+        # Embedding contexts by sha256, apart from the generation runners (see embed).
+        self._embedders: dict[str, EmbeddingRunner] = {}
+        self._embed_locks: dict[str, trio.Lock] = {}
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Owns the runner threads; cancelling it stops them (each within one step)."""
@@ -245,6 +249,7 @@ class Engine:
     def unload(self, entry: ModelEntry) -> bool:
         """Unload now if idle (True); a model in use is unloaded when its last request
         ends (False)."""
+        self._drop_embedder(entry.sha256)  # an embedding context goes with its model
         m = self._models.get(entry.sha256)
         if m is None or m.runner is None:
             return True
@@ -399,6 +404,7 @@ class Engine:
     def _make_room(self, need: int, keep: str) -> None:
         used = sum(m.memory for sha, m in self._models.items()
                    if m.runner is not None and sha != keep)
+        used += sum(r.memory for r in self._embedders.values())
         for sha, m in list(self._models.items()):
             if used + need <= self.memory_budget:
                 return
@@ -408,6 +414,7 @@ class Engine:
             m.runner.stop()  # its thread frees the context and weights, then ends
             m.runner = None
             used -= m.memory
+            used -= self._drop_embedder(sha)
             del self._models[sha]
         if used + need > self.memory_budget:
             raise EngineError(
@@ -630,6 +637,86 @@ class Engine:
             if submitted is None:
                 release()
             # else: `finished` releases the sequence when the runner reports its end
+
+
+    # ---- embeddings -------------------------------------------------------------------
+    #
+    # An embedding context is a second llama context of the model (embeddings on, its own
+    # KV cache): the generation batch keeps running while a request embeds. Counted in
+    # the budget as the model's whole memory_estimate at the sequence context (weights +
+    # KV + compute), on top of a loaded generation runner of the same model: simple, and
+    # a little high where the weights' mmap pages are shared.
+
+    def embedding_memory(self, entry: ModelEntry) -> int:
+        info = self.store.info(entry)
+        return info.memory_estimate(self.n_ctx_for(info))
+
+    def check_embed_fits(self, entry: ModelEntry) -> None:
+        need = self.embedding_memory(entry)
+        if need > self.memory_budget:
+            raise EngineError(
+                TOO_LARGE,
+                f"embedding with {entry.name} needs {fmt_bytes(need)} and the memory budget"
+                f" is {fmt_bytes(self.memory_budget)}; raise --memory-budget or use a"
+                " smaller model")
+
+    async def embed(self, model: str, inputs: list[str], *,
+                    truncate: bool = True) -> EmbeddingResult:
+        """One L2-normalized vector per input, pooled as the model's GGUF says.
+
+        Raises EngineError: NOT_FOUND, TOO_LARGE (does not fit the budget), BUSY (the
+        budget is held by models in use), BAD_REQUEST (an input longer than the context
+        with truncate False)."""
+        entry = self.resolve(model)
+        self.check_embed_fits(entry)
+        lock = self._embed_locks.setdefault(entry.sha256, trio.Lock())
+        async with lock:  # one call at a time per context; waiters wait on the loop
+            runner = self._embedders.get(entry.sha256)
+            if runner is None:
+                runner = await self._load_embedder(entry)
+            try:
+                # abandon_on_cancel: a client gone or a shutdown does not wait for the
+                # decode; the runner's own lock keeps the next call off it until it ends.
+                return await trio.to_thread.run_sync(
+                    lambda: runner.embed(list(inputs), truncate=truncate),
+                    abandon_on_cancel=True)
+            except InputTooLong as e:
+                raise EngineError(BAD_REQUEST, str(e)) from e
+            except (RuntimeError, ValueError) as e:
+                raise EngineError(INTERNAL, f"embedding with {entry.name} failed: {e}") from e
+
+    async def _load_embedder(self, entry: ModelEntry) -> EmbeddingRunner:
+        info = self.store.info(entry)
+        runner = EmbeddingRunner(
+            str(entry.path), n_ctx=self.n_ctx_for(info),
+            pooling=pooling_for(info.metadata, info.architecture),
+            n_threads=self.n_threads, gpu_layers=self.gpu_layers)
+        runner.memory = self.embedding_memory(entry)
+        for sha in [s for s in self._embedders if s != entry.sha256]:
+            if sum(r.memory for r in self._embedders.values()) + runner.memory \
+                    <= self.memory_budget:
+                break
+            self._drop_embedder(sha)  # idle embedding contexts go before models
+        self._make_room(runner.memory, keep="")
+        t0 = time.monotonic()
+        try:
+            await trio.to_thread.run_sync(runner.load)
+        except Exception as e:
+            raise EngineError(INTERNAL, f"cannot load {entry.name} for embeddings: {e}") from e
+        log.info("loaded %s for embeddings in %.2fs (%s pooling, %d tokens)", entry.name,
+                 time.monotonic() - t0, runner.pooling_name, runner.n_ctx)
+        self._embedders[entry.sha256] = runner
+        return runner
+
+    def _drop_embedder(self, sha: str) -> int:
+        """Free the embedding context of `sha` unless a call is using it; its memory."""
+        runner = self._embedders.get(sha)
+        lock = self._embed_locks.get(sha)
+        if runner is None or runner.busy or (lock is not None and lock.locked()):
+            return 0
+        del self._embedders[sha]
+        runner.close()
+        return runner.memory
 
 
 def _queue_to_loop(token: trio.lowlevel.TrioToken, fn: Callable[[Any], None], arg: Any) -> None:

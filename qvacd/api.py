@@ -36,6 +36,7 @@ from .local_engine import LocalEngine
 from .metrics import CONTENT_TYPE, Metrics
 from .models_api import (KeepAliveError, apply_keep_alive, model_routes, parse_keep_alive,
                          unload_model)
+from .embeddings_api import embedding_routes
 from .pair_api import pair_routes
 
 if TYPE_CHECKING:
@@ -659,6 +660,9 @@ def build_app(node: ServedNode) -> Starlette:
         Route("/qvac/peers", qvac_peers, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         *pair_routes(node),  # type: ignore[arg-type]
+        *embedding_routes(node, openai_wrap=lambda endpoint: wrap(openai_error, endpoint),
+                          ollama_wrap=lambda endpoint: wrap(ollama_error, endpoint),
+                          read_json=read_json),
         *model_routes(node, details=ollama_details, error_cls=ApiError, read_json=read_json,
                       wrap=lambda endpoint: wrap(ollama_error, endpoint)),
     ]
