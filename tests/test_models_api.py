@@ -6,9 +6,11 @@ store. Also the keep_alive duration parser alone."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -168,8 +170,24 @@ def test_upload_create_generate_delete(node, oll, tmp_path):
     assert r.eval_count >= 1
     assert "uploaded:latest" in loaded(oll)
 
-    # Deleting a loaded model unloads it, and its blob goes with its last name.
-    oll.delete("uploaded")
+    # In use: a 409 that says retry, and the model stays.
+    with httpx.stream("POST", node.api + "/api/generate", timeout=60,
+                      json={"model": "uploaded", "raw": True, "prompt": "1, 2, 3, 4, 5, 6,",
+                            "options": {"num_predict": 2000, "temperature": 0}}) as r:
+        next(r.iter_lines())
+        busy = httpx.request("DELETE", node.api + "/api/delete", json={"model": "uploaded"},
+                             timeout=30)
+        assert busy.status_code == 409 and "retry" in busy.json()["error"], busy.text
+    assert "uploaded:latest" in {m.model for m in oll.list().models}
+    # Idle and loaded: deleting unloads it, and its blob goes with its last name.
+    deadline = time.monotonic() + 30
+    while True:  # the cancelled stream ends within a token or so
+        r = httpx.request("DELETE", node.api + "/api/delete", json={"model": "uploaded"},
+                          timeout=30)
+        if r.status_code != 409 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert r.status_code == 200, r.text
     assert "uploaded:latest" not in loaded(oll)
     assert f"sha256-{digest.removeprefix('sha256:')}" not in store_files(node)[0]
     assert httpx.head(head, timeout=30).status_code == 404
@@ -223,3 +241,41 @@ def test_new_routes_need_the_token(start_daemon):
         assert httpx.request(method, d.api + path, timeout=30).status_code == 401, path
     ok = ollama.Client(host=d.api, headers={"Authorization": "Bearer s3cret"})
     assert ok.ps().models == []
+
+
+def test_delete_on_a_seeder_mid_pull_moves_the_pull_to_the_other(tmp_path, model_template):
+    # Seeders capped at 25 MB/s each: the 253 MB pull takes seconds, room to delete in it.
+    from tests.test_pull import Mesh as PullMesh
+    from tests.test_pull import blob_sha, pull, pullers
+
+    mesh = PullMesh(tmp_path, model_template)
+    try:
+        mesh.add("s1", "--shard-upload-rate", "25MB")
+        mesh.add("s2", "--shard-upload-rate", "25MB")
+        pullers(mesh, ["p"], ["s1", "s2"])
+        mesh.start("s1", "s2")
+        mesh.start("p", bootstrap=("s1", "s2"))
+        mesh.wait_holders("p", ["s1", "s2"])
+        s1, s2, p = (mesh.nodes[n] for n in ("s1", "s2", "p"))
+        sha = json.loads((model_template / "models" / "index.json").read_text()
+                         )["models"][MODEL]["sha256"]
+        deleted: list[int] = []
+
+        def on_line(ev: dict) -> None:
+            if (not deleted and ev.get("status") == "downloading" and ev.get("sources") == 2
+                    and ev.get("completed", 0) > 0):
+                r = httpx.request("DELETE", s1.api + "/api/delete", json={"model": MODEL},
+                                  timeout=30)
+                deleted.append(r.status_code)
+
+        status, lines = pull(p, {}, on_line=on_line, timeout=180)
+        assert deleted == [200], (deleted, lines[-3:])
+        assert status == 200 and lines[-1]["status"] == "success", lines[-3:]
+        assert mesh.ids["s1"] in lines[-1].get("dropped", {}), lines[-1]
+        assert blob_sha(p, sha) == sha
+        assert not (s1.data_dir / "models" / "blobs" / f"sha256-{sha}").exists()
+        # The seeder that lost its copy keeps serving, and crashed nowhere.
+        assert s1.status()["models"] == [] and s2.status()["models"][0]["name"] == MODEL
+        assert "Traceback" not in s1.log(), s1.log()
+    finally:
+        mesh.stop_all()
