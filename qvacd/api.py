@@ -30,7 +30,7 @@ from models.chat import ChatError, normalize_messages
 from models.engine import EngineError, GenerationRequest, GenerationResult
 from models.store import ModelEntry, ModelStore
 
-from . import __version__
+from . import __version__, api_params
 from .dashboard import PUBLIC_PATHS, dashboard_routes
 from .local_engine import LocalEngine
 from .metrics import CONTENT_TYPE, Metrics
@@ -159,6 +159,12 @@ def stop_list(v: Any, label: str = "stop") -> tuple[str, ...]:
     if isinstance(v, list) and all(isinstance(s, str) for s in v) and len(v) <= 16:
         return tuple(v)
     raise ApiError(400, f"'{label}' must be a string or an array of up to 16 strings", param=label)
+
+
+def refuse_unsupported(refusal: api_params.Refusal | None) -> None:
+    """A field qvacd does not honour is a 400 naming it, never silently ignored."""
+    if refusal is not None:
+        raise ApiError(400, refusal.message, param=refusal.param)
 
 
 # ---- response formats -----------------------------------------------------------------
@@ -470,17 +476,24 @@ def build_app(node: ServedNode) -> Starlette:
             "temperature": field(body, "temperature", float, temp_default, lo=0, hi=2, where=where),
             "top_p": field(body, "top_p", float, 1.0, lo=0, hi=1, where=where),
             "seed": field(body, "seed", int, None, where=where),
+            # llama.cpp server's extensions to the OpenAI body (defaults: GenerationRequest's)
+            "top_k": field(body, "top_k", int, 40, lo=0, hi=1000, where=where),
+            "min_p": field(body, "min_p", float, 0.05, lo=0, hi=1, where=where),
+            "repeat_penalty": field(body, "repeat_penalty", float, 1.0, lo=0, hi=10,
+                                    where=where),
         }
 
     @wrap(openai_error, "/v1/completions")
     async def v1_completions(request: Request) -> Response:
         body = await read_json(request)
+        refuse_unsupported(api_params.openai_completions(body))
         model = _model_name(body)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
         if not isinstance(prompt, str):
-            raise ApiError(400, "'prompt' must be a string", param="prompt")
+            raise ApiError(400, "'prompt' must be a string (several prompts or token arrays are"
+                           " not supported; make one request per prompt)", param="prompt")
         if field(body, "n", int, 1) != 1:
             raise ApiError(400, "'n' must be 1", param="n")
         stream = field(body, "stream", bool, False)
@@ -496,6 +509,7 @@ def build_app(node: ServedNode) -> Starlette:
     @wrap(openai_error, "/v1/chat/completions")
     async def v1_chat(request: Request) -> Response:
         body = await read_json(request)
+        refuse_unsupported(api_params.openai_chat(body))
         model = _model_name(body)
         messages = normalize_messages(body.get("messages"))
         stream = field(body, "stream", bool, False)
@@ -517,6 +531,8 @@ def build_app(node: ServedNode) -> Starlette:
         opts = field(body, "options", dict, {})
         w = "options."
         num_predict = field(opts, "num_predict", int, None, where=w)
+        # repeat_last_n 0 is Ollama's "no repeat penalty" (api_params allows only 0 or 64).
+        no_repeat = field(opts, "repeat_last_n", int, 64, where=w) == 0
         return GenerationRequest(
             model=model, prompt=prompt,
             max_tokens=None if num_predict is None or num_predict < 0 else max(1, num_predict),
@@ -524,7 +540,8 @@ def build_app(node: ServedNode) -> Starlette:
             top_p=field(opts, "top_p", float, 0.9, lo=0, hi=1, where=w),
             top_k=field(opts, "top_k", int, 40, lo=0, hi=1000, where=w),
             min_p=field(opts, "min_p", float, 0.0, lo=0, hi=1, where=w),
-            repeat_penalty=field(opts, "repeat_penalty", float, 1.1, lo=0, hi=10, where=w),
+            repeat_penalty=1.0 if no_repeat else field(opts, "repeat_penalty", float, 1.1, lo=0,
+                                                       hi=10, where=w),
             seed=field(opts, "seed", int, None, where=w),
             stop=stop_list(opts.get("stop"), "options.stop"),
         )
@@ -557,6 +574,7 @@ def build_app(node: ServedNode) -> Starlette:
     async def api_generate(request: Request) -> Response:
         t0 = time.monotonic()
         body = await read_json(request)
+        refuse_unsupported(api_params.ollama_generate(body))
         model = _model_name(body)
         prompt = field(body, "prompt", str, "")
         system = field(body, "system", str, "")
@@ -586,6 +604,7 @@ def build_app(node: ServedNode) -> Starlette:
     async def api_chat(request: Request) -> Response:
         t0 = time.monotonic()
         body = await read_json(request)
+        refuse_unsupported(api_params.ollama_chat(body))
         model = _model_name(body)
         keep_alive = keep_alive_of(body)
         if keep_alive == 0 and not body.get("messages"):  # Ollama's "unload the model" call
