@@ -51,6 +51,8 @@ class ManagedEngine(Protocol):
 
     def memory_needed(self, entry: ModelEntry) -> int: ...
 
+    def fits(self, entry: ModelEntry) -> bool: ...
+
     def set_keep_alive(self, entry: ModelEntry, seconds: float | None) -> None: ...
 
     def expires_at(self, entry: ModelEntry) -> float | None: ...
@@ -100,7 +102,9 @@ def apply_keep_alive(node: ServedNode, model: str, seconds: float | None) -> Non
         return
     engine = cast(ManagedEngine, node.engine)
     with contextlib.suppress(EngineError, OSError, ValueError):
-        engine.set_keep_alive(entry, seconds)
+        # A model too large for this node is served by a peer: nothing here to keep.
+        if engine.fits(entry):
+            engine.set_keep_alive(entry, seconds)
 
 
 def unload_model(node: ServedNode, model: str) -> ModelEntry:
