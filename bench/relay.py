@@ -49,7 +49,7 @@ def stream_once(node: NsNode, max_tokens: int) -> tuple[float, float, int, str]:
     first = last = None
     n = 0
     served = ""
-    with http.stream("POST", "http://qvac/v1/completions", json=body) as r:
+    with http.stream("POST", "http://localhost/v1/completions", json=body) as r:
         r.raise_for_status()
         served = r.headers.get("x-qvac-served-by", "")
         for line in r.iter_lines():
@@ -84,7 +84,7 @@ def pull_once(node: NsNode, source: str) -> tuple[float, int]:
     http = httpx.Client(transport=httpx.HTTPTransport(uds=node.sock), timeout=600)
     t0 = time.perf_counter()
     last: dict = {}
-    with http.stream("POST", "http://qvac/api/pull",
+    with http.stream("POST", "http://localhost/api/pull",
                      json={"model": MODEL, "from": source}) as r:
         if r.status_code != 200:
             r.read()

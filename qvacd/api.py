@@ -728,10 +728,13 @@ class _LoopbackHostGuard:
         if scope["type"] == "http":
             host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
             if host and not _is_loopback_host(host):
-                body = {"error": {"message": f"Host {host!r} is not a loopback name; call"
-                                  " http://127.0.0.1:PORT, or set --api-token to serve other"
-                                  " names", "type": "permission_error", "param": None,
-                                  "code": None}}
+                msg = (f"Host {host[:100]!r} is not a loopback name; call"
+                       " http://127.0.0.1:PORT, or set --api-token to serve other names")
+                # in the error shape of the route family asked (OpenAI's, else Ollama's)
+                body: dict[str, Any] = {"error": msg}
+                if str(scope.get("path", "")).startswith("/v1/"):
+                    body = {"error": {"message": msg, "type": "permission_error",
+                                      "param": None, "code": None}}
                 await JSONResponse(body, status_code=403)(scope, receive, send)
                 return
         await self.app(scope, receive, send)

@@ -74,7 +74,7 @@ def openai_completion(node: NsNode, prompt: str, max_tokens: int) -> tuple[str, 
     from openai import OpenAI
 
     http = httpx.Client(transport=httpx.HTTPTransport(uds=node.sock), timeout=120)
-    client = OpenAI(base_url="http://qvac/v1", api_key="unused", http_client=http)
+    client = OpenAI(base_url="http://localhost/v1", api_key="unused", http_client=http)
     t0 = time.monotonic()
     raw = client.completions.with_raw_response.create(
         model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0, seed=1)
@@ -252,7 +252,7 @@ def test_pull_through_relay_refused_when_too_big_then_works_with_room(
     assert small < size
     relay_args = ["--relay-service", "--no-default-model", "--no-preload",
                   "--relay-allow", a.peer_id, "--relay-allow", b.peer_id]
-    client = ollama.Client(host="http://qvac", timeout=120,
+    client = ollama.Client(host="http://localhost", timeout=120,
                            transport=httpx.HTTPTransport(uds=a.sock))
     try:
         relay.start(*relay_args, "--relay-circuit-bytes", str(small))

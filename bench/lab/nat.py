@@ -184,8 +184,8 @@ class NsNode(Daemon):
         self.sock = str(data_dir.parent / f"{role}.sock")
         self.fwd: subprocess.Popen | None = None
         self.client = httpx.Client(transport=httpx.HTTPTransport(uds=self.sock),
-                                   base_url="http://qvac", timeout=60)
-        self.api = "http://qvac"  # the base URL of `client`; plain httpx cannot reach it
+                                   base_url="http://localhost", timeout=60)
+        self.api = "http://localhost"  # the base URL of `client`; plain httpx cannot reach it
 
     @property
     def addr(self) -> str:

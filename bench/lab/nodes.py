@@ -120,7 +120,7 @@ class LabNode:
         self.forwarder: trio.Process | None = None
         self.args: list[str] = []
         self.client = httpx.AsyncClient(
-            transport=httpx.AsyncHTTPTransport(uds=self.sock), base_url="http://lab",
+            transport=httpx.AsyncHTTPTransport(uds=self.sock), base_url="http://localhost",
             timeout=httpx.Timeout(10.0, read=30.0))
         self.restarts = 0
 
