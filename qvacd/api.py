@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import trio
 from starlette.applications import Starlette
@@ -28,22 +28,20 @@ from starlette.routing import Route
 
 from models.chat import ChatError, normalize_messages
 from models.engine import EngineError, GenerationRequest, GenerationResult
-from models.store import ModelEntry, ModelStore
+from models.store import ModelEntry
 
 from . import __version__, api_params
 from .dashboard import PUBLIC_PATHS, dashboard_routes
-from .local_engine import LocalEngine
-from .metrics import CONTENT_TYPE, Metrics
+from .metrics import CONTENT_TYPE
 from .models_api import (KeepAliveError, apply_keep_alive, model_routes, parse_keep_alive,
                          unload_model)
 from .embeddings_api import embedding_routes
 from .pair_api import pair_routes
+from .served_node import ServedNode
 
 if TYPE_CHECKING:
-    from .config import Config
-    from .dashboard import ActivityRecorder, RequestRecord
-    from .pull_api import ModelPuller
-    from .router import RoutedGeneration, Router
+    from .dashboard import RequestRecord
+    from .router import RoutedGeneration
 
 SERVED_BY = "X-Qvac-Served-By"
 LOCAL_ONLY = "x-qvac-local-only"
@@ -55,39 +53,6 @@ _STATUS_FOR = {
 }
 _OPENAI_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                 429: "rate_limit_error", 503: "service_unavailable", 500: "server_error"}
-
-
-class ServedNode(Protocol):
-    """What the HTTP API needs of the daemon (qvacd.node.Node)."""
-
-    @property
-    def engine(self) -> LocalEngine: ...
-
-    @property
-    def store(self) -> ModelStore: ...
-
-    @property
-    def metrics(self) -> Metrics: ...
-
-    @property
-    def router(self) -> Router: ...
-
-    @property
-    def puller(self) -> ModelPuller | None:
-        """None on a node without the P2P side (--no-p2p)."""
-        ...
-
-    @property
-    def config(self) -> Config: ...
-
-    @property
-    def recorder(self) -> ActivityRecorder: ...
-
-    def available_models(self) -> list[ModelEntry]: ...
-
-    def status(self) -> dict[str, Any]: ...
-
-    def peers_snapshot(self) -> list[dict[str, Any]]: ...
 
 
 class ApiError(Exception):

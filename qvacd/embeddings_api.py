@@ -28,7 +28,7 @@ from models.embedding import EmbeddingResult
 from models.engine import BAD_REQUEST, EngineError
 
 if TYPE_CHECKING:
-    from .api import ServedNode
+    from .served_node import ServedNode
 
 MAX_INPUTS = 2048  # OpenAI's own limit of inputs per request
 MAX_INPUT_BYTES = 4 << 20  # all inputs together (the body limit is 8 MiB)

@@ -30,7 +30,7 @@ from models.engine import EngineError
 from models.store import ModelEntry, StoreError
 
 if TYPE_CHECKING:
-    from .api import ServedNode
+    from .served_node import ServedNode
 
 MAX_BLOB_BYTES = 256 << 30  # an upload larger than any GGUF we could run is refused
 FOREVER = "2318-11-26T00:00:00Z"  # what Ollama answers for a model kept loaded "forever"

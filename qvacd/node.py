@@ -121,10 +121,13 @@ class Node:
             metrics=self.metrics)
         self.infer_service.on_offence = self.network.offence
         self.network.set_stream_handler(INFER_PROTOCOL, self.infer_service.handle)
-        self.shard_service = ShardService.for_node(self)
+        self.shard_service = ShardService(
+            self.store, is_authorized=self._may_fetch_shards, max_uploads=cfg.shard_max_uploads,
+            upload_rate=cfg.shard_upload_rate, registry=self.metrics.registry)
         self.shard_service.on_offence = self.network.offence
         self.network.set_stream_handler(SHARD_PROTOCOL, self.shard_service.handle)
-        self.puller = Puller.for_node(self)
+        self.puller = Puller(self.store, self.network, self.trust,
+                             registry=self.metrics.registry)
         self.router.remote = RemoteInference(self.node_id, self.network, metrics=self.metrics)
         self._init_pairing(self.network)
         self.engine.on_change = self.network.capacity_changed
@@ -144,6 +147,9 @@ class Node:
         self.pairing = PairingService(self.node_id, self.trust, network, link_addrs=link_addrs,
                                       registry=self.metrics.registry, mesh=self.mesh)
         network.set_stream_handler(PAIR_PROTOCOL, self.pairing.handle)
+
+    def _may_fetch_shards(self, peer_id: str) -> bool:
+        return self.config.public_donor or self.trust.is_trusted(peer_id, "seeder")
 
     def _may_consume(self, peer_id: str) -> bool:
         return self.config.public_donor or self.trust.is_trusted(peer_id, "consumer")

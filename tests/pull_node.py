@@ -46,7 +46,8 @@ def _init_network(self: node_mod.Node) -> None:
             opts.stall_timeout_s = float(stall)
         if streams and int(streams) > 0:
             opts.streams_per_provider = int(streams)
-        self.puller = Puller.for_node(self, opts)
+        self.puller = Puller(self.store, self.network, self.trust,
+                             registry=self.metrics.registry, options=opts)
 
 
 node_mod.Node._init_network = _init_network

@@ -16,7 +16,7 @@ import sys
 from ..config import ConfigError, load_config
 from ..daemon_file import running_daemon_api
 from ..logs import setup_logging
-from . import terminal
+import qvacd.cli.terminal as terminal
 from .client import DaemonClient
 from .common import CliError, data_dir_of
 

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import terminal
+import qvacd.cli.terminal as terminal
 from .client import DaemonClient
 from .common import CliError, data_dir_of
 

@@ -10,7 +10,7 @@ import argparse
 import json
 from datetime import datetime, timezone
 
-from . import terminal
+import qvacd.cli.terminal as terminal
 from .client import DaemonClient
 
 

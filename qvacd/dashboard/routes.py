@@ -32,7 +32,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 if TYPE_CHECKING:
-    from qvacd.node import Node
+    from qvacd.served_node import ServedNode
 
 STATIC = {  # URL path -> (file in this package's static/, media type)
     "/": ("index.html", "text/html; charset=utf-8"),
@@ -99,7 +99,7 @@ async def _json_body(request: Request) -> dict[str, Any] | JSONResponse:
     return data
 
 
-def dashboard_routes(node: Node) -> list[Route]:
+def dashboard_routes(node: ServedNode) -> list[Route]:
     from peers.trust import ROLES, TrustError, parse_peer_id, parse_roles
 
     token_set = bool(node.config.api_token)

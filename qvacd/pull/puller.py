@@ -23,7 +23,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import trio
 from prometheus_client import CollectorRegistry
@@ -39,9 +39,6 @@ from .metrics import pull_metrics
 from .options import PullOptions
 from .relay_plan import CircuitView, RelayPlan, RelayPlanner
 from .shard_client import ShardClient, StreamOpener
-
-if TYPE_CHECKING:
-    from ..node import Node
 
 plog = logging.getLogger("qvacd.pull")
 
@@ -134,11 +131,6 @@ class Puller:
         self._active: dict[str, Download] = {}
         self._by_sha: dict[str, Download] = {}
         self._nursery: trio.Nursery | None = None
-
-    @classmethod
-    def for_node(cls, node: Node, options: PullOptions | None = None) -> Puller:
-        return cls(node.store, node.network, node.trust, registry=node.metrics.registry,
-                   options=options)
 
     async def run(self, *, task_status: trio.TaskStatus[Puller] = trio.TASK_STATUS_IGNORED
                   ) -> None:

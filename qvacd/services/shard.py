@@ -16,7 +16,6 @@ import logging
 import os
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -40,9 +39,6 @@ from protocol import (
 )
 
 from ..p2p_io import Stream, StreamEnded, close_stream, read_some, write_frame
-
-if TYPE_CHECKING:
-    from ..node import Node
 
 # The logger keeps the name it had before the seeder moved here: operators grep for it.
 log = logging.getLogger("qvacd.shards")
@@ -127,17 +123,6 @@ class ShardService:
         self.active = 0
         self._manifests: dict[str, tuple[Manifest, bytes]] = {}
         self._build_locks: dict[str, trio.Lock] = collections.defaultdict(trio.Lock)
-
-    @classmethod
-    def for_node(cls, node: Node) -> ShardService:
-        cfg = node.config
-
-        def authorized(peer: str) -> bool:
-            return bool(cfg.public_donor) or node.trust.is_trusted(peer, "seeder")
-
-        return cls(node.store, is_authorized=authorized,
-                   max_uploads=cfg.shard_max_uploads, upload_rate=cfg.shard_upload_rate,
-                   registry=node.metrics.registry)
 
     def _count(self, kind: str, outcome: str) -> None:
         self.metrics.shard_requests.labels(kind, outcome).inc()
