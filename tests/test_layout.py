@@ -3,7 +3,9 @@ every .py file is parsed with `ast` and nothing of it is imported or run.
 
 (a) No import circle among our modules. Imports at module level and imports inside
     functions both count (a function-level import only defers the circle to the first
-    call); imports under `if TYPE_CHECKING:` do not (they never run).
+    call), and so do imports under `if TYPE_CHECKING:`: they never run, but a type named
+    from a module that imports us ties the two rooms together just the same (name the
+    seam as a Protocol beside the code that needs it instead).
 (b) The layers import one way: protocol imports nothing of ours; models never imports
     peers or qvacd; peers never imports models or qvacd. Here `if TYPE_CHECKING:`
     imports count too: a type named from another layer still ties the two together.
@@ -197,7 +199,7 @@ def _shortest_cycle(start: str, members: set[str], edges: dict[str, list[str]]) 
 def import_circles(imports: list[Import]) -> list[str]:
     """One message per circle: its modules, then cycles through them (together passing
     every module of it), each import with its file and line."""
-    runtime = [i for i in imports if not i.type_only]
+    runtime = imports  # TYPE_CHECKING imports too: see (a) in the module docstring
     first: dict[tuple[str, str], Import] = {}
     for imp in runtime:
         first.setdefault((imp.source, imp.target), imp)
@@ -305,8 +307,10 @@ def test_the_checks_on_a_small_tree(tmp_path: Path) -> None:
         ("pb.free", "pb.late", "module level", False),
         ("pa.sub", "pa.two", "module level", False),
     }
-    [circle] = import_circles(imports)  # pb.late <-> pa.one runs only under TYPE_CHECKING
-    assert circle.splitlines()[0] == "import circle among 3 module(s): pa, pa.one, pa.two"
+    [circle] = import_circles(imports)  # pb.late <-> pa.one, under TYPE_CHECKING, counts
+    assert circle.splitlines()[0] == ("import circle among 4 module(s): pa, pa.one, pa.two,"
+                                      " pb.late")
+    assert "pa.one -> pb.late: pa/one.py:4 (module level, under TYPE_CHECKING)" in circle
     assert "  pa -> pa.one -> pa.two -> pa" in circle
     assert "pa.two -> pa: pa/two.py:2 (in def f)" in circle
     [bad] = layer_violations(imports, {"pa": ("pb",)})
