@@ -27,6 +27,15 @@ shared/llama-cpp-batching-and-rpc.md for the facts about the bindings):
   queued to trio (`emit`/`done` callbacks, FIFO), and requests and cancels reach the
   thread through a condition variable.
 
+Grammar-constrained sampling (structured output, tool calls): a request with a GBNF
+grammar gets a grammar sampler of its own beside its chain, used as llama.cpp's
+common_sampler does: the chain picks a token from the raw logits; if the grammar admits
+it, done; else the grammar masks the whole vocabulary (costly: 262k pieces checked) and
+the chain picks again. A token is accepted into the grammar only after the grammar said
+it admits it: llama.cpp aborts the process on accepting one it does not. A resumed
+answer (failover) first walks the grammar over the text already given, token by token,
+and ends with an error if that text is not a start the grammar admits.
+
 Faults: "no KV slot" (llama_decode returns 1) shrinks the step's prompt chunks and
 retries, then ends the newest sequence with a clear error, never everyone; a fatal
 decode error ends every sequence with an error and stops the runner, and the engine
@@ -84,6 +93,8 @@ class SequenceRequest:
     emit: Callable[[str], None]
     done: Callable[[SequenceOutcome], None]
     reuse_prefix: bool = True
+    grammar: str | None = None  # GBNF, root rule "root": every token sampled must fit it
+    grammar_prefix: str = ""  # text the grammar has already seen (a resumed answer)
     outcome: SequenceOutcome = field(default_factory=SequenceOutcome)
     cancelled: bool = False  # set by the event loop; read between steps
     submitted: float = field(default_factory=time.perf_counter)
@@ -121,6 +132,7 @@ class _Sequence:
         self.last_used = 0.0
         self.req: SequenceRequest | None = None
         self.sampler: Any = None
+        self.grammar: Any = None  # llama.cpp grammar sampler, or None
         self.todo: list[int] = []  # prompt tokens not yet evaluated
         self.next_token: int | None = None  # sampled, not yet in the KV cache
         self.batch_index = -1  # where this step's logits are, or -1
@@ -167,6 +179,7 @@ class BatchRunner:
         self._n_vocab = 0
         self._seqs: list[_Sequence] = []
         self._piece_buf = ctypes.create_string_buffer(256)
+        self._token_ids: Any = None  # 0..n_vocab-1 (int32), for whole-vocabulary candidates
         # counters read by the event loop (plain ints: the GIL makes them coherent)
         self.tokens_generated = 0
         self.steps = 0
@@ -223,6 +236,20 @@ class BatchRunner:
         n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, n_max, False, False)
         return abs(n)
 
+    def check_grammar(self, grammar: str) -> None:
+        """GrammarError unless llama.cpp parses `grammar` (root rule "root"). Safe from
+        the event loop: parsing reads only the vocabulary."""
+        import llama_cpp
+
+        from .grammar import GrammarError, check_grammar_text
+
+        check_grammar_text(grammar)
+        smpl = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
+        if not smpl:
+            raise GrammarError("the grammar does not parse as GBNF with a rule named root "
+                               "(llama.cpp's log says where)")
+        llama_cpp.llama_sampler_free(smpl)
+
     # ---- loading (worker thread) -----------------------------------------------------
 
     def load(self) -> None:
@@ -268,6 +295,9 @@ class BatchRunner:
             if s.sampler:
                 llama_cpp.llama_sampler_free(s.sampler)
                 s.sampler = None
+            if s.grammar:
+                llama_cpp.llama_sampler_free(s.grammar)
+                s.grammar = None
         if self._batch is not None:
             llama_cpp.llama_batch_free(self._batch)
             self._batch = None
@@ -369,8 +399,51 @@ class BatchRunner:
         req.outcome.prompt_tokens = len(prompt)
         req.outcome.cached_tokens = keep
         s.sampler = self._make_sampler(req.sampling, prompt)
+        if req.grammar is not None:
+            why = self._start_grammar(s, req.grammar, req.grammar_prefix)
+            if why is not None:
+                self._finish(s, "error", why)
+                return
         if req.max_new <= 0:
             self._finish(s, "length")
+
+    def _start_grammar(self, s: _Sequence, grammar: str, prefix: str) -> str | None:
+        """Gives `s` its grammar sampler, walked over `prefix`; why not, or None."""
+        import llama_cpp
+
+        s.grammar = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
+        if not s.grammar:
+            return "the grammar does not parse as GBNF with a rule named root"
+        if not prefix:
+            return None
+        data = prefix.encode("utf-8")
+        n_max = len(data) + 16
+        buf = (llama_cpp.llama_token * n_max)()
+        # as plain text (no special tokens): the grammar sees exactly these characters
+        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, n_max, False, False)
+        tokens = list(buf[:max(n, 0)])
+        if n < 0 or b"".join(self._piece(t) for t in tokens) != data:
+            return "the resumed text does not tokenize back to itself; cannot continue it " \
+                   "inside the grammar"
+        done = 0
+        for tok in tokens:
+            if not self._grammar_admits(s.grammar, tok):
+                return (f"the resumed text is not a start the grammar admits (it departs "
+                        f"near character {len(data[:done].decode('utf-8', 'replace'))})")
+            llama_cpp.llama_sampler_accept(s.grammar, tok)
+            done += len(self._piece(tok))
+        return None
+
+    @staticmethod
+    def _grammar_admits(grammar: Any, tok: int) -> bool:
+        import llama_cpp
+
+        one = (llama_cpp.llama_token_data * 1)()
+        one[0].id = tok
+        one[0].logit = 1.0
+        arr = llama_cpp.llama_token_data_array(data=one, size=1, selected=-1, sorted=False)
+        llama_cpp.llama_sampler_apply(grammar, ctypes.byref(arr))
+        return bool(one[0].logit != float("-inf"))
 
     def _make_sampler(self, p: Sampling, prompt: list[int]) -> Any:
         import llama_cpp
@@ -487,7 +560,14 @@ class BatchRunner:
             s.todo = s.todo[s.fed:]
         for s in self._seqs:
             if s.batch_index >= 0 and s.req is not None:
-                self._take_token(s, self._sample(s))
+                if s.grammar is None:
+                    self._take_token(s, self._sample(s))
+                    continue
+                tok = self._sample_in_grammar(s)
+                if tok < 0:
+                    self._finish(s, "error", "the grammar admits no next token")
+                else:
+                    self._take_token(s, tok)
 
     def _sample(self, s: _Sequence) -> int:
         """The next token of `s` from its logits at its batch index.
@@ -510,7 +590,18 @@ class BatchRunner:
         logits = np.ctypeslib.as_array(ptr, shape=(self._n_vocab,))
         if p.temperature <= 0.0:
             return int(logits.argmax())
-        k = min(p.top_k, self._n_vocab)
+        tok = self._top_k_pick(s, logits)
+        llama_cpp.llama_sampler_accept(s.sampler, tok)
+        return tok
+
+    def _top_k_pick(self, s: _Sequence, logits: Any) -> int:
+        """The chain's choice over the top k logits (the chain begins with top-k, so the
+        rest would be cut anyway); not accepted into the chain."""
+        import llama_cpp
+        import numpy as np
+
+        assert s.req is not None
+        k = min(s.req.sampling.top_k, self._n_vocab)
         ids = np.argpartition(logits, -k)[-k:]
         cand = (llama_cpp.llama_token_data * k)()
         for j, tok in enumerate(ids.tolist()):
@@ -520,7 +611,61 @@ class BatchRunner:
         arr = llama_cpp.llama_token_data_array(data=cand, size=k, selected=-1, sorted=False)
         llama_cpp.llama_sampler_apply(s.sampler, ctypes.byref(arr))
         # the samplers may sort or shrink the array in place: read it back through `arr`
-        tok = int(arr.data[arr.selected].id) if 0 <= arr.selected < arr.size else int(ids[-1])
+        return int(arr.data[arr.selected].id) if 0 <= arr.selected < arr.size else int(ids[-1])
+
+    def _whole_vocabulary(self, logits: Any) -> tuple[Any, Any]:
+        """Every token as a candidate (numpy memory laid out as llama_token_data) and the
+        llama_token_data_array over it."""
+        import llama_cpp
+        import numpy as np
+
+        if self._token_ids is None:
+            assert ctypes.sizeof(llama_cpp.llama_token_data) == 12
+            self._token_ids = np.arange(self._n_vocab, dtype=np.int32)
+        cand = np.empty(self._n_vocab, dtype=[("id", np.int32), ("logit", np.float32),
+                                              ("p", np.float32)])
+        cand["id"] = self._token_ids
+        cand["logit"] = logits
+        cand["p"] = 0.0
+        data = cand.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data))
+        arr = llama_cpp.llama_token_data_array(data=data, size=self._n_vocab, selected=-1,
+                                               sorted=False)
+        return cand, arr
+
+    def _sample_in_grammar(self, s: _Sequence) -> int:
+        """The next token of `s` that its grammar admits, accepted into grammar and chain;
+        -1 when the grammar admits none (not even the end)."""
+        import llama_cpp
+        import numpy as np
+
+        req = s.req
+        assert req is not None
+        p = req.sampling
+        ptr = llama_cpp.llama_get_logits_ith(self._ctx, s.batch_index)
+        logits = np.ctypeslib.as_array(ptr, shape=(self._n_vocab,))
+        # First the chain's own choice, as if unconstrained (cheap: most tokens of a JSON
+        # answer are ones the model would pick anyway) ...
+        if p.repeat_penalty == 1.0 and p.temperature <= 0.0:
+            tok = int(logits.argmax())
+        elif p.repeat_penalty == 1.0 and p.top_k > 0:
+            tok = self._top_k_pick(s, logits)
+        else:
+            cand, arr = self._whole_vocabulary(logits)
+            llama_cpp.llama_sampler_apply(s.sampler, ctypes.byref(arr))
+            tok = int(arr.data[arr.selected].id) if 0 <= arr.selected < arr.size else -1
+        if tok < 0 or not self._grammar_admits(s.grammar, tok):
+            # ... and when the grammar refuses it, the grammar masks every token first.
+            cand, arr = self._whole_vocabulary(logits)
+            llama_cpp.llama_sampler_apply(s.grammar, ctypes.byref(arr))
+            if not np.isfinite(cand["logit"][:arr.size]).any():
+                return -1
+            llama_cpp.llama_sampler_apply(s.sampler, ctypes.byref(arr))
+            tok = int(arr.data[arr.selected].id) if 0 <= arr.selected < arr.size else -1
+            # never accept what the grammar refuses (llama.cpp would abort)
+            if tok < 0 or not self._grammar_admits(s.grammar, tok):
+                return -1
+        if not llama_cpp.llama_vocab_is_eog(self._vocab, tok):
+            llama_cpp.llama_sampler_accept(s.grammar, tok)
         llama_cpp.llama_sampler_accept(s.sampler, tok)
         return tok
 
@@ -596,6 +741,9 @@ class BatchRunner:
         if s.sampler:
             llama_cpp.llama_sampler_free(s.sampler)
             s.sampler = None
+        if s.grammar:
+            llama_cpp.llama_sampler_free(s.grammar)
+            s.grammar = None
         s.req = None
         s.todo = []
         s.next_token = None

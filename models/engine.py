@@ -33,6 +33,7 @@ from typing import Any
 import trio
 
 from .batch_runner import BatchRunner, Sampling, SequenceOutcome, SequenceRequest
+from .grammar import GrammarError
 from .chat import render_chat
 from .embedding import EmbeddingResult, EmbeddingRunner, InputTooLong, pooling_for
 from .gguf import GGUFInfo
@@ -134,6 +135,9 @@ class GenerationRequest:
     # Chat: rendered with the model's own template where the model runs (this node or
     # a peer), so a consumer never needs the template of a model it does not hold.
     messages: tuple[dict[str, str], ...] | None = None
+    # GBNF (root rule "root", see models/grammar.py): every sampled token must fit it;
+    # with `resume`, the resumed text must be a start the grammar admits.
+    grammar: str | None = None
 
 
 @dataclass
@@ -551,6 +555,11 @@ class Engine:
                 chat = self.render_chat(entry, list(req.messages))
                 req = dataclasses.replace(req, prompt=chat.prompt, stop=req.stop + chat.stop)
             runner = await self._runner_for(m)
+            if req.grammar is not None:
+                try:
+                    runner.check_grammar(req.grammar)
+                except GrammarError as e:
+                    raise EngineError(BAD_REQUEST, str(e)) from None
             text = req.prompt + req.resume
             if len(text) > 16384:  # long prompts tokenize off the event loop
                 prompt_tokens = await trio.to_thread.run_sync(runner.tokenize, text)
@@ -620,6 +629,8 @@ class Engine:
                 # A seeded request is evaluated afresh: a reused prefix changes batch
                 # shapes and so the logits' last bits, and a seed promises the same text.
                 reuse_prefix=req.seed is None,
+                grammar=req.grammar,
+                grammar_prefix=req.resume if req.grammar is not None else "",
             )
             try:
                 runner.submit(seq)

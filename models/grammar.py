@@ -35,7 +35,9 @@ from llama_cpp import llama_grammar
 __all__ = [
     "JSON_OBJECT_GRAMMAR",
     "MAX_GRAMMAR_CHARS",
+    "MAX_GRAMMAR_NESTING",
     "GrammarError",
+    "check_grammar_text",
     "grammar_for_schema",
 ]
 
@@ -43,6 +45,9 @@ __all__ = [
 # (protocol.MAX_GRAMMAR_CHARS; tests/test_structured_output.py checks they agree).
 MAX_GRAMMAR_CHARS = 64 * 1024
 MAX_SCHEMA_DEPTH = 32
+# llama.cpp parses GBNF by recursive descent: 20000 nested parentheses overflow its stack
+# (a segfault, measured); 5000 parse. A schema's maxLength of n nests n deep.
+MAX_GRAMMAR_NESTING = 1024
 
 
 class GrammarError(ValueError):
@@ -199,6 +204,57 @@ def grammar_for_schema(schema: Any) -> str:
         raise GrammarError(f"the schema's grammar is {len(grammar)} characters, over the "
                            f"{MAX_GRAMMAR_CHARS} allowed; simplify the schema")
     return grammar
+
+
+def check_grammar_text(grammar: Any) -> None:
+    """Refuses, before llama.cpp sees it, GBNF text that could hurt the process parsing it:
+    not a string, longer than MAX_GRAMMAR_CHARS, or nested deeper than MAX_GRAMMAR_NESTING.
+    Names a missing root or an undefined rule; the rest of parsing is llama.cpp's to say
+    (BatchRunner.check_grammar)."""
+    if not isinstance(grammar, str) or not grammar.strip():
+        raise GrammarError("the grammar must be non-empty GBNF text")
+    if len(grammar) > MAX_GRAMMAR_CHARS:
+        raise GrammarError(f"the grammar is {len(grammar)} characters, over the "
+                           f"{MAX_GRAMMAR_CHARS} allowed")
+    depth = 0
+    defined: set[str] = set()
+    used: dict[str, None] = {}  # in order of first use
+    i, n = 0, len(grammar)
+    while i < n:
+        c = grammar[i]
+        if c in "\"[":  # a literal or a character class: skip to its end, escapes included
+            close = '"' if c == '"' else "]"
+            i += 1
+            while i < n and grammar[i] != close:
+                i += 2 if grammar[i] == "\\" else 1
+        elif c == "#":
+            while i < n and grammar[i] != "\n":
+                i += 1
+        elif c == "{":  # a repetition count, {m} or {m,n}
+            while i < n and grammar[i] != "}":
+                i += 1
+        elif c == "(":
+            depth += 1
+            if depth > MAX_GRAMMAR_NESTING:
+                raise GrammarError(f"the grammar nests parentheses deeper than "
+                                   f"{MAX_GRAMMAR_NESTING}")
+        elif c == ")":
+            depth -= 1
+        elif c.isalnum() or c in "-_":
+            start = i
+            while i + 1 < n and (grammar[i + 1].isalnum() or grammar[i + 1] in "-_"):
+                i += 1
+            name = grammar[start:i + 1]
+            if grammar[i + 1:].lstrip(" \t").startswith("::="):
+                defined.add(name)
+            else:
+                used.setdefault(name, None)
+        i += 1
+    if "root" not in defined:
+        raise GrammarError("the grammar has no rule named root (the rule sampling starts from)")
+    undefined = [name for name in used if name not in defined]
+    if undefined:
+        raise GrammarError(f"the grammar uses rule {undefined[0]!r} but does not define it")
 
 
 # Any JSON object, whitespace limited to one optional space between tokens (a model left
