@@ -14,7 +14,7 @@ pulls in the DHT and zeroconf), and the rest of the network adds little on top
 
 from __future__ import annotations
 
-from peers._errors import CapacityError, NetworkError, PeerUnavailable
+from peers._errors import CapacityError, NetworkError, PeerUnavailable, ProtocolRefused
 from peers._limits import NetworkLimits
 from peers._network import PeerNetwork
 from peers._streams import peer_ended_stream
@@ -32,6 +32,7 @@ __all__ = [
     "PeerNetwork",
     "PeerTable",
     "PeerUnavailable",
+    "ProtocolRefused",
     "make_host",
     "peer_ended_stream",
     "short_peer_id",

@@ -16,5 +16,10 @@ class PeerUnavailable(Exception):
     """A peer could not be reached, or did not answer in time."""
 
 
+class ProtocolRefused(PeerUnavailable):
+    """The peer answered "na": it does not serve that protocol (a clean refusal, not
+    misbehaviour; an older or different peer)."""
+
+
 class CapacityError(Exception):
     """A capacity fetch failed: the peer refused, timed out or spoke nonsense."""

@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from contextlib import AsyncExitStack
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from typing import Any
 
 import multiaddr
@@ -49,6 +49,8 @@ from peers._dht_wiring import DhtWiring
 from peers._dial import Dialler
 from peers._errors import NetworkError, PeerUnavailable
 from peers._limits import NetworkLimits
+from peers._liveness import PING_PROTOCOL, PathProbe, PingServer, watch_path
+from peers._pipelined import open_pipelined
 from peers._streams import StreamHandler, contain_handler_errors, stream_path
 from peers._swarm_fix import set_inbound_policy
 from peers.dht import CapacityDHT
@@ -191,6 +193,12 @@ class PeerNetwork:
             TProtocol(CAPACITY_PROTOCOL),
             contain_handler_errors(self._capacity.serve, CAPACITY_PROTOCOL),
         )
+        # why our own ping handler: py-libp2p's echoes as fast as anyone sends; this one
+        # rate-limits per peer like every other service (peers/_liveness.py)
+        self._pings = PingServer(self.offence, self.counters)
+        libp2p.set_stream_handler(
+            TProtocol(PING_PROTOCOL), contain_handler_errors(self._pings.serve, PING_PROTOCOL)
+        )
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -289,20 +297,31 @@ class PeerNetwork:
         )
 
     async def open_stream(
-        self, peer_id: str | ID, protocol_id: str, timeout: float = 10.0
+        self, peer_id: str | ID, protocol_id: str, timeout: float = 10.0,
+        first: bytes | None = None,
     ) -> INetStream:
-        """A new stream to `peer_id` speaking `protocol_id`, dialling if needed."""
+        """A new stream to `peer_id` speaking `protocol_id`, dialling if needed.
+
+        With `first` (the protocol's first request, already framed), the negotiation is
+        pipelined (peers/_pipelined.py): header, protocol id and `first` go out in one
+        write, one round trip instead of three before the answer. ProtocolRefused when
+        the peer does not serve `protocol_id`."""
         pid = as_id(peer_id)
         try:
             with trio.fail_after(timeout):
                 if not self.is_connected(pid):
                     self._dialler.forget_failed_dial(pid)
                     await self._dialler.connect_relayed_if_needed(pid.to_base58(), timeout / 2)
+                if first is not None:
+                    return await open_pipelined(self.host.libp2p.get_network(), pid,
+                                                protocol_id, first)
                 return await self.host.libp2p.new_stream(pid, [TProtocol(protocol_id)])
         except trio.TooSlowError:
             raise PeerUnavailable(
                 f"peer {pid} did not open {protocol_id} within {timeout:.1f} s"
             ) from None
+        except PeerUnavailable:
+            raise
         except Exception as exc:
             raise PeerUnavailable(f"cannot open {protocol_id} to peer {pid}: {exc}") from exc
 
@@ -363,6 +382,11 @@ class PeerNetwork:
         """Score one offence by `peer` (and its IP) on `stream`; True if it is now banned.
         Services call it for refused, malformed or unauthorized requests."""
         return score_offence(self.guard, kind, stream, peer)
+
+    def watch_path(self, stream: INetStream) -> AbstractAsyncContextManager[PathProbe]:
+        """`async with net.watch_path(stream) as probe`: ping the connection `stream`
+        runs over while inside; `probe.dead` once it stopped answering (peers/_liveness.py)."""
+        return watch_path(self.host.libp2p.get_network(), stream)
 
     def stream_path(self, stream: INetStream) -> str:
         """"relayed" or "direct": the connection `stream` runs over (a stream opened

@@ -22,7 +22,7 @@ import trio
 
 from models.engine import EngineError, GenerationRequest, GenerationResult, fmt_bytes
 from models.store import normalize_name
-from peers import short_peer_id
+from peers import ProtocolRefused, short_peer_id
 from protocol import (
     INFER_PROTOCOL,
     Accepted,
@@ -34,6 +34,7 @@ from protocol import (
     InferRequest,
     ProtocolError,
     Token,
+    encode_frame,
 )
 
 from .p2p_io import FrameStream, StreamGone
@@ -88,8 +89,13 @@ class DelegationNetwork(Protocol):
         """"direct" or "relayed": the connection this stream runs over."""
         ...
 
-    async def open_stream(self, peer_id: str, protocol_id: str, timeout: float = ...
-                          ) -> Any: ...
+    async def open_stream(self, peer_id: str, protocol_id: str, timeout: float = ...,
+                          first: bytes | None = ...) -> Any: ...
+
+    def watch_path(self, stream: Any) -> contextlib.AbstractAsyncContextManager[Any]:
+        """Ping the connection `stream` runs over while inside; the probe's `dead` says
+        it stopped answering (peers/_liveness.py)."""
+        ...
 
     async def fetch_capacity(self, peer_id: str, timeout: float | None = ...) -> Any: ...
 
@@ -221,19 +227,28 @@ class RemoteInference:
             stop=tuple(s for s in req.stop if s)[:16],
             deadline_ms=deadline_ms,
             resume=resume or None,
+            grammar=req.grammar,
         )
 
     async def _open(self, peer: str, wire: InferRequest) -> _Attempt:
-        """Open a stream, send the request, wait for Accepted. PeerFailed otherwise."""
+        """Open a stream with the request, wait for Accepted. PeerFailed otherwise.
+
+        The request goes out with the protocol negotiation (pipelined): one round trip
+        to Accepted instead of three. A peer that does not serve the protocol refused
+        cleanly: the next candidate, and no failure scored."""
+        io = FrameStream(None)
         try:
-            stream = await self.network.open_stream(peer, INFER_PROTOCOL, timeout=5.0)
+            stream = await self.network.open_stream(peer, INFER_PROTOCOL, timeout=5.0,
+                                                    first=encode_frame(wire, io.limits))
+        except ProtocolRefused as e:
+            raise PeerFailed(peer, f"does not serve {INFER_PROTOCOL}", refused=Error(
+                ErrorCode.UNAVAILABLE, f"does not serve {INFER_PROTOCOL}")) from e
         except Exception as e:
             raise PeerFailed(peer, f"cannot open a stream: {e or type(e).__name__}") from e
-        io = FrameStream(stream)
+        io.stream = stream
         state = InferClientState()
         ok = False
         try:
-            await io.send(wire)
             with trio.move_on_after(ACCEPT_TIMEOUT_S) as waited:
                 msg = await io.recv()
             if waited.cancelled_caught:
@@ -243,6 +258,11 @@ class RemoteInference:
             state.receive(msg)
             if isinstance(msg, Error):
                 raise PeerFailed(peer, f"{msg.code}: {msg.message}", refused=msg)
+            if wire.grammar is not None and msg.grammar is not True:
+                # a provider that predates InferRequest.grammar ignored it: its text would
+                # not follow the grammar, so none is read (a refusal, not a failure)
+                why = "does not enforce grammars (an older qvacd); asked another peer"
+                raise PeerFailed(peer, why, refused=Error(ErrorCode.BAD_REQUEST, why))
             ok = True
             return _Attempt(peer, io, state)
         except StreamGone as e:
@@ -382,20 +402,32 @@ class RemoteInference:
     async def _stream(self, attempt: _Attempt, send: trio.MemorySendChannel,
                       emitted: list[str]) -> Done:
         """Forward Token frames until Done. PeerFailed on anything else."""
+        async with self.network.watch_path(attempt.io.stream) as probe:
+            return await self._forward(attempt, send, emitted, probe)
+
+    async def _forward(self, attempt: _Attempt, send: trio.MemorySendChannel,
+                       emitted: list[str], probe: Any) -> Done:
+        """`_stream`'s loop. A path that stops answering pings fails within about a
+        second (`probe.dead`: a cut link); a silent provider whose path still answers is
+        slow, not dead, and gets the stall limit."""
         peer, io, state = attempt.peer, attempt.io, attempt.state
         slowest, last = 0.0, time.monotonic()
         while True:
             limit = min(max(self.stall_timeout, STALL_GAP_FACTOR * slowest),
                         max(self.stall_timeout, STALL_TIMEOUT_MAX_S))
-            with trio.move_on_after(limit) as waited:
+            with trio.move_on_after(limit) as waited, probe.guarding(waited):
                 try:
                     msg = await io.recv()
                 except StreamGone as e:
                     raise PeerFailed(peer, f"connection lost: {e}") from e
                 except ProtocolError as e:
                     raise PeerFailed(peer, f"sent garbage: {e}", misbehaved=True) from e
+            if probe.dead:
+                raise PeerFailed(peer, f"path lost: no answer to pings for"
+                                       f" {probe.silent_for():.1f}s")
             if waited.cancelled_caught:
                 raise PeerFailed(peer, f"stalled for {limit:.0f}s", misbehaved=True)
+            probe.saw_traffic()
             now = time.monotonic()
             slowest, last = max(slowest, now - last), now
             if msg is None:
