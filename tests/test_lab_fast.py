@@ -188,3 +188,61 @@ def _dead_pid() -> int:
             return pid
         except PermissionError:
             continue
+
+
+_RECEIVER = """
+import socket, sys, time
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", 7070)); srv.listen(1); print("listening", flush=True)
+conn, _ = srv.accept(); n = 0; first = None
+while True:
+    data = conn.recv(1 << 16)
+    if not data:
+        break
+    first = first or time.monotonic(); n += len(data)
+print(n, time.monotonic() - first, flush=True)
+"""
+_SENDER = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], 7070), timeout=30)
+s.sendall(b"x" * int(sys.argv[2])); s.close()
+"""
+
+
+def _rate_between(lan: netns.Lan, src: int, dst: int, n_bytes: int) -> float:
+    """Bytes/s of one TCP transfer from host `src` to host `dst` across the lab's LAN."""
+    rx = subprocess.Popen([*lan.exec_prefix(dst), sys.executable, "-c", _RECEIVER],
+                          stdout=subprocess.PIPE, text=True)
+    try:
+        assert rx.stdout is not None and rx.stdout.readline().strip() == "listening"
+        subprocess.run([*lan.exec_prefix(src), sys.executable, "-c", _SENDER, lan.ips[dst],
+                        str(n_bytes)], check=True, timeout=60)
+        got, seconds = rx.communicate(timeout=60)[0].split()
+    finally:
+        _stop_quietly(rx)
+    assert int(got) == n_bytes
+    return n_bytes / float(seconds)
+
+
+def _stop_quietly(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.skipif(WHY is not None, reason=f"mesh lab: {WHY}")
+@pytest.mark.timeout(120)
+def test_upload_rate_cap_limits_a_hosts_egress() -> None:
+    """Impair(rate_mbit=R) caps what a host sends (the capped multi-source pull scenario
+    rests on it): a TCP transfer out of the capped host runs near R, one into it does not."""
+    lan = netns.Lan(2, log=lambda m: None)
+    try:
+        lan.up()
+        cap = 16.0  # Mbit/s: 2 MB/s
+        lan.impair(0, netns.Impair(rate_mbit=cap))
+        capped = _rate_between(lan, 0, 1, 6_000_000)
+        reverse = _rate_between(lan, 1, 0, 6_000_000)
+        assert 0.6 * cap * 1e6 / 8 <= capped <= 1.15 * cap * 1e6 / 8, capped
+        assert reverse > 2 * cap * 1e6 / 8, (capped, reverse)  # the other way is not capped
+    finally:
+        lan.down()

@@ -150,15 +150,18 @@ class Impair:
     delay_ms: float = 0.0
     jitter_ms: float = 0.0
     loss_pct: float = 0.0
+    rate_mbit: float = 0.0  # the host's upload rate cap; 0 = none
 
     def __str__(self) -> str:
-        if not (self.delay_ms or self.jitter_ms or self.loss_pct):
+        if not (self.delay_ms or self.jitter_ms or self.loss_pct or self.rate_mbit):
             return "clean"
         s = f"{self.delay_ms:g} ms"
         if self.jitter_ms:
             s += f" ±{self.jitter_ms:g} ms"
         if self.loss_pct:
             s += f", {self.loss_pct:g}% loss"
+        if self.rate_mbit:
+            s += f", up {self.rate_mbit:g} Mbit/s"
         return s
 
 
@@ -236,7 +239,7 @@ class Lan:
         self.impairs[i] = imp
         if self.plane == "bridge":
             ns = self.ns[i]
-            if not (imp.delay_ms or imp.jitter_ms or imp.loss_pct):
+            if not (imp.delay_ms or imp.jitter_ms or imp.loss_pct or imp.rate_mbit):
                 nsexec(ns, "tc", "qdisc", "del", "dev", "eth0", "root", check=False)
                 return
             args = ["delay", f"{imp.delay_ms}ms"]
@@ -244,10 +247,12 @@ class Lan:
                 args.append(f"{imp.jitter_ms}ms")
             if imp.loss_pct:
                 args += ["loss", f"{imp.loss_pct}%"]
+            if imp.rate_mbit:
+                args += ["rate", f"{imp.rate_mbit}mbit"]
             nsexec(ns, "tc", "qdisc", "replace", "dev", "eth0", "root", "netem", *args)
         else:
             self._switch_cmd({"port": i, "delay_ms": imp.delay_ms, "jitter_ms": imp.jitter_ms,
-                              "loss_pct": imp.loss_pct})
+                              "loss_pct": imp.loss_pct, "rate_mbit": imp.rate_mbit})
 
     def impair_all(self, imp: Impair) -> None:
         for i in range(self.n):

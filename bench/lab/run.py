@@ -29,8 +29,11 @@ from bench.lab.netns import LabError
 from bench.lab.nodes import Lab
 from bench.lab.report import machine_meta, write_chart, write_markdown
 from bench.lab.scenarios import SCENARIOS, Impair, Options, Result, say
+from bench.lab.pull_capped import CAPPED_SCENARIOS
 
 REPO = Path(__file__).resolve().parent.parent.parent
+# scenarios in their own modules join the list after the ones in scenarios.py
+SCENARIOS = {**SCENARIOS, **CAPPED_SCENARIOS}
 FAST = ["discovery", "failover"]
 
 

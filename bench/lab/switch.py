@@ -12,9 +12,12 @@ Impairment is applied to the frames a port *sends* (a host's egress, as netem on
 host's interface would): each is dropped with probability loss, else delivered after
 delay ± uniform jitter. Frames from one port are never reordered (each leaves no earlier
 than the one before it), so jitter shows as variable latency, not as reordering.
+A port may also have an upload rate (a home uplink, netem's `rate`): its frames leave one
+after another at that many bits per second, and a frame that would wait more than
+RATE_QUEUE_S behind the ones queued is dropped (a tail-drop queue, so TCP finds the rate).
 
 Control: one JSON object per line on stdin, one JSON reply per line on stdout:
-  {"port": i, "delay_ms": D, "jitter_ms": J, "loss_pct": L}  -> {"ok": true}
+  {"port": i, "delay_ms": D, "jitter_ms": J, "loss_pct": L, "rate_mbit": R} -> {"ok": true}
   {"cmd": "stats"}                                           -> {"ports": [...]}
 End of stdin (the lab went away, however it ended) stops the switch; the TAP devices
 vanish with it.
@@ -38,6 +41,7 @@ IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 MAX_FRAME = 65536 + 64
 BATCH = 256  # frames read from one port per wakeup, so no port starves the others
+RATE_QUEUE_S = 0.1  # a rate-capped port's queue: frames that would wait longer are dropped
 
 
 def open_tap(name: str) -> int:
@@ -47,13 +51,16 @@ def open_tap(name: str) -> int:
 
 
 class Port:
-    __slots__ = ("delay", "errors", "fd", "jitter", "last", "loss", "lost", "name", "rx", "tx")
+    __slots__ = ("capped", "delay", "errors", "fd", "free", "jitter", "last", "loss", "lost",
+                 "name", "rate", "rx", "tx")
 
     def __init__(self, fd: int, name: str) -> None:
         self.fd, self.name = fd, name
         self.delay = self.jitter = self.loss = 0.0
+        self.rate = 0.0  # bytes/s this port may send; 0 = unlimited
         self.last = 0.0  # when this port's latest queued frame leaves
-        self.rx = self.tx = self.lost = self.errors = 0
+        self.free = 0.0  # when this port's uplink has sent everything queued (rate cap)
+        self.rx = self.tx = self.lost = self.errors = self.capped = 0
 
 
 def main(names: list[str]) -> None:
@@ -96,12 +103,14 @@ def main(names: list[str]) -> None:
             if obj.get("cmd") == "stats":
                 return json.dumps({"ports": [
                     {"name": p.name, "rx": p.rx, "tx": p.tx, "lost": p.lost,
-                     "errors": p.errors, "delay_ms": p.delay * 1e3,
+                     "errors": p.errors, "capped": p.capped,
+                     "rate_mbit": p.rate * 8 / 1e6, "delay_ms": p.delay * 1e3,
                      "jitter_ms": p.jitter * 1e3, "loss_pct": p.loss * 100} for p in ports]})
             p = ports[int(obj["port"])]
             p.delay = max(0.0, float(obj.get("delay_ms", 0))) / 1e3
             p.jitter = max(0.0, float(obj.get("jitter_ms", 0))) / 1e3
             p.loss = min(1.0, max(0.0, float(obj.get("loss_pct", 0)) / 100))
+            p.rate = max(0.0, float(obj.get("rate_mbit", 0))) * 1e6 / 8
             return json.dumps({"ok": True})
         except (ValueError, KeyError, IndexError, TypeError) as e:
             return json.dumps({"error": f"bad control line {line[:80]!r}: {e}"})
@@ -140,9 +149,17 @@ def main(names: list[str]) -> None:
                     p.lost += 1
                     continue
                 now = time.monotonic()
-                if p.delay or p.jitter or p.last > now:
+                sent = now
+                if p.rate:
+                    # the uplink sends one frame after another; a full queue drops
+                    start = max(now, p.free)
+                    if start - now > RATE_QUEUE_S:
+                        p.capped += 1
+                        continue
+                    p.free = sent = start + len(frame) / p.rate
+                if p.delay or p.jitter or p.last > now or sent > now:
                     d = p.delay + (rng.uniform(-p.jitter, p.jitter) if p.jitter else 0.0)
-                    t = max(now + max(0.0, d), p.last)
+                    t = max(sent + max(0.0, d), p.last)
                     p.last = t
                     seq += 1
                     heapq.heappush(queue, (t, seq, i, frame))
