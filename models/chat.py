@@ -14,7 +14,13 @@ model such as the default Gemma 3 270M) gets the documented fallback template:
 
 and generation stops at the next "\\nUser:" line, so a base model continues the
 dialogue in a plain-text style it has seen in pre-training and does not write the
-user's next turn.
+user's next turn. A tool result (role "tool") is a `Tool: <content>` line, and
+"\\nTool:" stops generation too (the model must not make up a result); qvacd/tool_calls.py
+says how tool definitions and calls reach these messages.
+
+A template with no tool role (none of its text says "tool") gets each run of tool
+results as one user turn, `Tool result: <content>`, instead: templates that insist on
+alternating user and assistant turns then still render the conversation.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-FALLBACK_STOP = ("\nUser:",)
+FALLBACK_STOP = ("\nUser:", "\nTool:")
 _ROLES = {"system", "user", "assistant", "tool", "developer"}
 
 
@@ -78,11 +84,29 @@ def fallback_prompt(messages: Sequence[dict[str, str]]) -> str:
     for m in messages:
         if m["role"] == "user":
             parts.append(f"User: {m['content']}")
-        elif m["role"] in ("assistant", "tool"):
+        elif m["role"] == "assistant":
             parts.append(f"Assistant: {m['content']}")
+        elif m["role"] == "tool":
+            parts.append(f"Tool: {m['content']}")
     if not messages or messages[-1]["role"] != "assistant":
         parts.append("Assistant:")
     return "\n".join(parts)
+
+
+def _tool_turns_for(template: str, messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
+    """The messages, with tool results as user turns when the template has no tool role."""
+    if "tool" in template:
+        return list(messages)
+    out: list[dict[str, str]] = []
+    for m in messages:
+        if m["role"] != "tool":
+            out.append(m)
+        elif out and out[-1].get("tool_result"):
+            out[-1] = {**out[-1], "content": f"{out[-1]['content']}\nTool result: {m['content']}"}
+        else:
+            out.append({"role": "user", "content": f"Tool result: {m['content']}",
+                        "tool_result": "1"})
+    return [{"role": m["role"], "content": m["content"]} for m in out]
 
 
 def render_chat(
@@ -102,7 +126,7 @@ def render_chat(
                 raise ChatError(f"chat template rejected the messages: {msg}")
 
             text = env.from_string(template).render(
-                messages=list(messages),
+                messages=_tool_turns_for(template, messages),
                 add_generation_prompt=True,
                 bos_token=bos_token,
                 eos_token=eos_token,
