@@ -37,6 +37,7 @@ log = logging.getLogger("qvacd.peers.network")
 Spawn = Callable[..., None]  # (async fn, *args): start it in the network's nursery
 
 _PEERSTORE_TTL = 3600
+WARM_INTERVAL_S = 5.0  # how often disconnected trusted providers are redialled
 
 
 def direct_addrs(addrs: Iterable[str], peer: str) -> list[multiaddr.Multiaddr]:
@@ -204,7 +205,7 @@ class Dialler:
         finally:
             self.inflight.discard(peer)
         self.table.record_reachable(peer)
-        if source != "dht":
+        if source not in ("dht", "outbound"):  # outbound: a redial of a known peer
             # why: a peer we were told about (bootstrap, mDNS, manual) knows others; ask
             # soon. Not for DHT-found or inbound peers, or lookups would cascade.
             self._on_told_about_dialled()
@@ -227,6 +228,25 @@ class Dialler:
                     delay[peer] = min(delay[peer] * 2, 30.0)
                     self._spawn(self.dial, peer, [str(m) for m in maddrs], "bootstrap")
             await trio.sleep(0.25)
+
+    async def keep_providers_warm(self, interval_s: float = WARM_INTERVAL_S) -> None:
+        """Redial trusted providers with a live record that we are not connected to.
+
+        why: a request to a provider we have no connection to pays TCP + Noise + yamux
+        (about four round trips) before its own round trip; peers that are neither
+        bootstrap peers nor re-announced by mDNS (found through the DHT, or whose
+        connection dropped) had no one to dial them back until a request did. A peer
+        backing off after failures is left alone until its back-off ends."""
+        while True:
+            await trio.sleep(interval_s)
+            now = time.time()
+            for e in list(self.table):
+                if (e.connected or e.record is None or e.record.is_expired(now)
+                        or not e.available(now) or e.peer_id in self.inflight
+                        or not self.table.is_trusted(e.peer_id, "provider")
+                        or self.is_connected(e.peer_id)):
+                    continue
+                self._spawn(self.dial, e.peer_id, list(e.record.addrs), "outbound")
 
     # -- beyond the LAN ------------------------------------------------------------------
 

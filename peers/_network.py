@@ -252,6 +252,7 @@ class PeerNetwork:
                 nursery.start_soon(kernel_filter_loop, libp2p, self.guard, self.counters)
                 nursery.start_soon(self._sync.publisher)
                 nursery.start_soon(self._dht_wiring.discovery_loop)
+                nursery.start_soon(self._dialler.keep_providers_warm)
                 if self._bootstrap:
                     nursery.start_soon(self._dialler.bootstrap_loop, self._bootstrap)
                 if self._mdns is not None:

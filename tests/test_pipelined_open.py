@@ -272,3 +272,42 @@ async def test_path_that_stops_answering_pings_fails_within_about_a_second(
         entry = consumer.table.get(provider.peer_id_str)
         assert "path lost" in (entry.last_error or "")
         assert entry.backoff_until < time.time() + 30  # not the misbehaviour back-off
+
+
+def test_protocol_md_vectors_are_what_we_send() -> None:
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "protocol.md").read_text()
+    section = doc.split("### Opening a stream in one write", 1)[1].split("```", 2)[1]
+    lines = [ln.split('"')[0] for ln in section.splitlines() if ln.startswith(("13 ", "12 "))]
+    assert bytes.fromhex(" ".join(lines[:2])) == (encode_line("/multistream/1.0.0")
+                                                  + encode_line(INFER_PROTOCOL))
+    assert "03 6e 61 0a" in section and encode_line("na") == bytes.fromhex("03 6e 61 0a")
+
+
+async def test_trusted_provider_is_redialled_when_its_connection_drops(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The provider dialled us once (no bootstrap loop on either side); when the
+    connection drops, our warm-keeping loop dials it again, so the next request does
+    not pay for a handshake."""
+    caplog.set_level(logging.INFO, logger="qvacd.peers.network")
+    trust = TrustStore.in_dir(tmp_path)
+    src = FakeCapacity()
+    src.add_model(SHA, MODEL)
+    async with AsyncExitStack() as stack:
+        consumer, _ = make_net(trust_store=trust)
+        await stack.enter_async_context(consumer)
+        provider, _ = make_net(source=src)
+        await stack.enter_async_context(provider)
+        trust.add(provider.peer_id_str, ["provider"])
+        await provider.connect(consumer.listen_addrs()[0])
+        await wait_until(lambda: (consumer.table.get(provider.peer_id_str) or
+                                  PeerEntryStub).record is not None, 5.0)
+        await consumer.host.libp2p.get_network().close_peer(provider.peer_id)
+        await wait_until(lambda: not consumer.is_connected(provider.peer_id), 5.0)
+        await wait_until(lambda: any(
+            f"dialled peer_id={provider.peer_id_str} source=outbound" in r.getMessage()
+            for r in caplog.records), 12.0)
+        assert consumer.is_connected(provider.peer_id)
+
+
+class PeerEntryStub:
+    record = None

@@ -1,5 +1,6 @@
-"""The lab's report: Markdown tables (figures, not prose) and a PNG chart of tokens/s and
-time to first token per scenario (matplotlib, Agg backend)."""
+"""The lab's report: Markdown tables (figures, not prose), a PNG chart of tokens/s and
+time to first token per scenario, and one of delegated TTFT against RTT with its bound
+(matplotlib, Agg backend)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def write_markdown(path: Path, results: list[Result], meta: dict[str, str],
-                   chart: Path | None) -> None:
+                   chart: Path | None, figures: dict[str, Path] | None = None) -> None:
+    """`figures`: scenario name -> an image shown under that scenario's table."""
     lines = ["# qvacd mesh lab report", "",
              "Written by `python -m bench.lab`; every figure below was measured by that run.", ""]
     lines += _table([{"": k, " ": v} for k, v in meta.items()])
@@ -42,6 +44,9 @@ def write_markdown(path: Path, results: list[Result], meta: dict[str, str],
     for r in results:
         lines += ["", f"## {r.title}: {r.verdict}", ""]
         lines += _table(r.rows)
+        if figures and r.name in figures:
+            rel = os.path.relpath(figures[r.name], path.parent)
+            lines += ["", f"![{r.title}]({rel})"]
         if r.failures:
             lines += ["", "| failed check |", "|---|"]
             lines += ["| " + f.replace("|", "\\|").replace("\n", " ")[:600] + " |"
@@ -95,6 +100,53 @@ def write_chart(path: Path, results: list[Result]) -> str | None:
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.suptitle("qvacd mesh lab", fontsize=12)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def _num(text: str) -> float | None:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def write_ttft_chart(path: Path, results: list[Result]) -> str | None:
+    """Delegated minus local TTFT against RTT, with each row's bound and issue 16's
+    1.3 RTT + 15 ms line; None when drawn, else why not."""
+    rows = [row for r in results if r.name == "delegation" for row in r.rows]
+    pts = [(_num(row.get("RTT ms")), _num(row.get("TTFT delta ms")), _num(row.get("bound ms")),
+            row.get("network", "")) for row in rows]
+    pts = [p for p in pts if p[0] is not None and p[1] is not None]
+    if not pts:
+        return "the delegation scenario did not run"
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: pip install -e '.[bench]'"
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    top = max(p[0] for p in pts) * 1.1 + 10
+    ax.plot([0, top], [15, 1.3 * top + 15], "--", color="C3", label="1.3 × RTT + 15 ms")
+    ax.plot([0, top], [0, top], ":", color="grey", label="1 × RTT")
+    for rtt, delta, bound, name in pts:
+        ax.scatter([rtt], [delta], color="C0", zorder=3)
+        ax.annotate(f"{name}: {delta:.0f} ms", (rtt, delta), textcoords="offset points",
+                    xytext=(6, -10), fontsize=7)
+        if bound is not None:
+            ax.scatter([rtt], [bound], marker="_", s=200, color="C1", zorder=2)
+    ax.scatter([], [], marker="_", s=200, color="C1", label="this row's bound")
+    ax.scatter([], [], color="C0", label="delegated − local TTFT (median)")
+    ax.set_xlabel("round-trip time between the two hosts, ms")
+    ax.set_ylabel("TTFT delta, ms")
+    ax.set_title("delegated TTFT over local against RTT", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -27,7 +27,7 @@ import trio
 from bench.lab import netns
 from bench.lab.netns import LabError
 from bench.lab.nodes import Lab
-from bench.lab.report import machine_meta, write_chart, write_markdown
+from bench.lab.report import machine_meta, write_chart, write_markdown, write_ttft_chart
 from bench.lab.scenarios import SCENARIOS, Impair, Options, Result, say
 from bench.lab.pull_capped import CAPPED_SCENARIOS
 
@@ -208,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
         why = write_chart(args.chart, results)
         if why:
             print(f"qvac lab: chart not drawn: {why}", file=sys.stderr)
-        write_markdown(args.report, results, meta, None if why else args.chart)
+        ttft_chart = args.chart.with_name(args.chart.stem + "-ttft-rtt.png")
+        figures = {} if write_ttft_chart(ttft_chart, results) else {"delegation": ttft_chart}
+        write_markdown(args.report, results, meta, None if why else args.chart, figures)
         say("\n| scenario | result | figures |\n|---|---|---|")
         for r in results:
             say(f"| {r.title} | {r.verdict} | {r.summary} |")

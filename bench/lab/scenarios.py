@@ -9,6 +9,7 @@ node trusts every other with every role; the hostile node is trusted by nobody.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import random
@@ -29,6 +30,12 @@ import trio
 from bench.lab.netns import Impair, LabError
 from bench.lab.nodes import MODEL, Lab, LabNode, StreamResult, pin
 from peers.trust import TrustStore
+from qvacd.delegation import STALL_TIMEOUT_S
+
+# Issue 16's bound: a cut link noticed by pings within about a second, then failover
+CUT_BOUND_S = 2.0
+OVERLOAD_CLIENTS = 3  # long prompts sent to the serving node beside the measured stream
+OVERLOAD_PROMPT_REPEAT = 40
 
 PROMPT = "Here is a long story about a dragon who learned to cook. Once upon a time,"
 COUNT_PROMPT = "1, 2, 3, 4, 5,"
@@ -195,7 +202,10 @@ async def delegation(lab: Lab, opt: Options, res: Result) -> None:
     impaired alike (so RTT between two hosts is twice the added delay).
     PASS per condition: every stream completes, delegated tokens/s >= 0.9 x local (median
     of the per-round ratios: each round's pair ran back to back on this shared machine), and
-    delegated TTFT <= local TTFT + 4 RTT + 100 ms."""
+    delegated TTFT <= local TTFT + 4 RTT + 100 ms. On a path with delay alone (the 40 and
+    160 ms RTT rows) the bound is issue 16's: about one round trip, 1.3 RTT + 15 ms, and
+    tokens/s >= 0.97 x local: the request rides with the protocol negotiation, so one
+    round trip is all that separates delegated from local."""
     await ensure_mesh(lab, fresh=True)
     small = lab.nodes[0]
     warm = await small.stream(PROMPT, 8)
@@ -219,7 +229,9 @@ async def delegation(lab: Lab, opt: Options, res: Result) -> None:
             fl, fd = med([r.ttft for r in local]), med([r.ttft for r in deleg])
             ratio = paired_ratio(deleg, local)
             delta = (fd - fl) if (fl is not None and fd is not None) else None
-            bound = 4 * rtt + 0.1
+            one_rtt = rtt > 0 and not (imp.jitter_ms or imp.loss_pct or imp.rate_mbit)
+            bound = 1.3 * rtt + 0.015 if one_rtt else 4 * rtt + 0.1
+            min_ratio = 0.97 if one_rtt else 0.9
             served = Counter(getattr(node_by_peer(lab, p), "name", p[:8])
                              for r in deleg for p in r.served_by)
             row = {"network": str(imp), "RTT ms": f"{rtt * 1e3:.0f}",
@@ -237,8 +249,8 @@ async def delegation(lab: Lab, opt: Options, res: Result) -> None:
                 f" served by {dict(served)}")
             res.check(not bad, f"{imp}: {len(bad)} streams failed: "
                                + "; ".join(f"{r.kind} {r.error}" for r in bad[:3]))
-            res.check(ratio is not None and ratio >= 0.9,
-                      f"{imp}: delegated/local tokens/s {row['ratio']} < 0.90")
+            res.check(ratio is not None and ratio >= min_ratio,
+                      f"{imp}: delegated/local tokens/s {row['ratio']} < {min_ratio:.2f}")
             res.check(delta is not None and delta <= bound,
                       f"{imp}: TTFT delta {ms(delta)} ms > bound {ms(bound)} ms")
     lab.lan.impair_all(Impair())
@@ -250,16 +262,17 @@ async def delegation(lab: Lab, opt: Options, res: Result) -> None:
 
 
 async def _failover_once(lab: Lab, opt: Options, res: Result, mode: str) -> None:
-    from qvacd.delegation import STALL_TIMEOUT_S
-
     small = lab.nodes[0]
     state: dict[str, Any] = {}
-    bound = 5.0 if mode == "kill" else STALL_TIMEOUT_S + 3.0
+    bound = {"kill": 5.0, "cut": CUT_BOUND_S}.get(mode, STALL_TIMEOUT_S)
+    gaps: list[float] = []
 
     def on_token(r: StreamResult, now: float) -> None:
         if "mark" in state:
             if r.gap_after_mark is None:
                 r.gap_after_mark = now - state["mark"]
+            gaps.append(now - state.get("last", now))
+            state["last"] = now
             return
         if r.tokens == 20:
             victim = node_by_peer(lab, r.header_served_by)
@@ -270,14 +283,33 @@ async def _failover_once(lab: Lab, opt: Options, res: Result, mode: str) -> None
             state["victim"] = victim
             if mode == "kill":
                 victim.kill()  # SIGKILL: no goodbye
-            else:
+            elif mode == "cut":
                 lab.lan.link(victim.i, False)
-            state["mark"] = time.monotonic()
+            else:  # overload: long prompts from other clients, prefilled beside ours
+                state["load"] = True
+            state["mark"] = state["last"] = time.monotonic()
             for n in (lab.nodes[0], victim):
                 n.note(f"{mode} {victim.name} after token 20 (client saw it"
                        f" {1e3 * (state['mark'] - now):.0f} ms before this line)")
 
-    r = await small.stream(COUNT_PROMPT, opt.failover_tokens, timeout=120, on_token=on_token)
+    async def overload() -> None:
+        while "load" not in state and "error" not in state:
+            await trio.sleep(0.01)
+        target = state.get("victim")
+        if target is None:
+            return
+        async with trio.open_nursery() as load:
+            for k in range(OVERLOAD_CLIENTS):
+                load.start_soon(functools.partial(
+                    target.stream, f"({k}) " + PROMPT * OVERLOAD_PROMPT_REPEAT, 4,
+                    timeout=120, local_only=True))
+
+    async with trio.open_nursery() as nursery:
+        if mode == "overload":
+            nursery.start_soon(overload)
+        r = await small.stream(COUNT_PROMPT, opt.failover_tokens, timeout=120,
+                               on_token=on_token)
+        state.setdefault("error", "")  # ends an overload task still waiting for its mark
     victim: LabNode | None = state.get("victim")
     # put the victim back, whatever happened
     if victim is not None:
@@ -295,13 +327,14 @@ async def _failover_once(lab: Lab, opt: Options, res: Result, mode: str) -> None
             ref_text = ref.text
             cut = max(0, len(ref_text) - 12)
             consistent = r.text[:cut] == ref_text[:cut]
-    row = {"case": "SIGKILL" if mode == "kill" else "link cut",
+    row = {"case": {"kill": "SIGKILL", "cut": "link cut"}.get(mode, "overloaded provider"),
            "victim": victim.name if victim else "—",
            "tokens": str(r.tokens), "finish": str(r.finish),
            "served by": " → ".join((node_by_peer(lab, p).name if node_by_peer(lab, p) else p[:8])
                                    for p in r.served_by),
            "next token after s": "—" if r.gap_after_mark is None else f"{r.gap_after_mark:.2f}",
            "bound s": f"{bound:.1f}",
+           "longest gap s": f"{max(gaps):.2f}" if gaps else "—",
            "text consistent": str(consistent)}
     res.rows.append(row)
     res.points.append((f"failover {row['case']}", "after failure", r.tps, r.gap_after_mark))
@@ -310,6 +343,12 @@ async def _failover_once(lab: Lab, opt: Options, res: Result, mode: str) -> None
         f" finish {r.finish}, served by {row['served by']}, text consistent {consistent}")
     if not res.check(ok, f"{row['case']}: stream did not complete: {r.kind} {r.error}"
                          f" {state.get('error', '')}"):
+        return
+    if mode == "overload":  # slow is not dead: the same provider finishes the answer
+        res.check(victim is not None and r.served_by == [victim.peer_id],
+                  f"{row['case']}: served_by {row['served by']}: a slow but alive provider"
+                  " was dropped")
+        res.check(r.finish == "length", f"{row['case']}: finish {r.finish}")
         return
     res.check(len(r.served_by) == 2 and victim is not None
               and r.served_by[0] == victim.peer_id and r.served_by[1] != victim.peer_id,
@@ -323,9 +362,11 @@ async def failover(lab: Lab, opt: Options, res: Result) -> None:
     """Mid-stream (after 20 tokens) the serving node is SIGKILLed; then, separately, its
     link is cut. PASS: the client's stream completes, served by victim then another
     node, its text the same as an uninterrupted greedy run, and the next token arrives
-    within 5 s of a kill, or within the stall timeout + 3 s of a cut (nothing tells the
-    consumer a cut link is gone but silence)."""
-    for mode in ("kill", "cut"):
+    within 5 s of a kill, or within 2 s of a cut (the consumer pings the path while it
+    streams, and a cut path stops answering). Then the serving node is overloaded
+    mid-stream (long prompts from other clients, prefilled beside ours): slow, not dead,
+    so the same node must finish the answer (its longest silence is in the table)."""
+    for mode in ("kill", "cut", "overload"):
         await ensure_mesh(lab)
         await _failover_once(lab, opt, res, mode)
         # the killed node comes back for the next part; the cut one is up again
@@ -813,7 +854,7 @@ def _sha256(path: Path) -> str:
 SCENARIOS = {
     "discovery": (discovery, "Discovery by mDNS alone", 180),
     "delegation": (delegation, "Delegation from a node too small for the model", 600),
-    "failover": (failover, "Failover mid-stream: SIGKILL and link cut", 300),
+    "failover": (failover, "Failover mid-stream: SIGKILL and link cut", 420),
     "churn": (churn, "Churn: every node restarted under 8 streaming clients", 420),
     "hostile": (hostile, "Hostile untrusted node on the LAN", 420),
     "pull": (pull, "Pull from two seeders, one dies", 300),
