@@ -386,20 +386,26 @@ class Lab:
         """Until each node in `names` holds verified capacity of every other; seconds."""
         nodes = names or self.nodes
         t0 = time.monotonic()
-        with trio.fail_after(timeout):
+        lacking: dict[str, list[str]] = {}
+        with trio.move_on_after(timeout):
             while True:
-                done = True
+                lacking = {}
                 for a in nodes:
                     try:
                         have = await a.verified_peers()
                     except (httpx.HTTPError, ValueError):
                         have = set()
-                    if not {b.peer_id for b in nodes if b is not a} <= have:
-                        done = False
+                    missing = [b.name for b in nodes if b is not a and b.peer_id not in have]
+                    if missing:
+                        lacking[a.name] = missing
                         break
-                if done:
+                if not lacking:
                     return time.monotonic() - t0
                 await trio.sleep(0.1)
+        # why not TooSlowError: a scenario would report it as its own time limit
+        raise LabError(f"no full mesh within {timeout:.0f} s: "
+                       + "; ".join(f"{a} has no fresh record of {', '.join(m)}"
+                                   for a, m in lacking.items()))
 
     def close(self) -> None:
         """Synchronous and idempotent: kill every process group, remove the LAN."""
