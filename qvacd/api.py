@@ -30,7 +30,7 @@ from models.chat import ChatError, normalize_messages
 from models.engine import EngineError, GenerationRequest, GenerationResult
 from models.store import ModelEntry
 
-from . import __version__, api_params
+from . import __version__, api_params, tool_calls
 from .dashboard import PUBLIC_PATHS, dashboard_routes
 from .metrics import CONTENT_TYPE
 from .models_api import (KeepAliveError, apply_keep_alive, model_routes, parse_keep_alive,
@@ -124,6 +124,15 @@ def stop_list(v: Any, label: str = "stop") -> tuple[str, ...]:
     if isinstance(v, list) and all(isinstance(s, str) for s in v) and len(v) <= 16:
         return tuple(v)
     raise ApiError(400, f"'{label}' must be a string or an array of up to 16 strings", param=label)
+
+
+def tool_setup(parse: Callable[[dict[str, Any]], tool_calls.ToolSetup],
+               body: dict[str, Any]) -> tool_calls.ToolSetup:
+    """The request's tools and tool turns (qvacd/tool_calls.py), or a 400."""
+    try:
+        return parse(body)
+    except tool_calls.ToolError as e:
+        raise ApiError(400, e.message, param=e.param) from None
 
 
 def refuse_unsupported(refusal: api_params.Refusal | None) -> None:
@@ -476,7 +485,8 @@ def build_app(node: ServedNode) -> Starlette:
         body = await read_json(request)
         refuse_unsupported(api_params.openai_chat(body))
         model = _model_name(body)
-        messages = normalize_messages(body.get("messages"))
+        tools = tool_setup(tool_calls.openai_setup, body)
+        messages = normalize_messages(tools.messages)
         stream = field(body, "stream", bool, False)
         if field(body, "n", int, 1) != 1:
             raise ApiError(400, "'n' must be 1", param="n")
@@ -484,8 +494,9 @@ def build_app(node: ServedNode) -> Starlette:
         req = GenerationRequest(
             model=model, prompt="", messages=tuple(messages),
             max_tokens=_max_tokens(body, "max_completion_tokens", "max_tokens", default=None),
-            stop=stop_list(body.get("stop")), **sampling(body, temp_default=1.0))
-        fmt = openai_chat_format(model, bool(opts.get("include_usage")))
+            stop=stop_list(body.get("stop")), **sampling(body, temp_default=1.0),
+            grammar=tools.grammar_with(None))
+        fmt = tools.openai_format(openai_chat_format(model, bool(opts.get("include_usage"))))
         return InferenceResponse(node, req, fmt, stream=stream,
                                  local_only=_local_only(request, body),
                                  error_shape=openai_error, endpoint="/v1/chat/completions")
@@ -577,11 +588,13 @@ def build_app(node: ServedNode) -> Starlette:
             return JSONResponse({"model": f"{entry.name}:latest", "created_at": now_iso(),
                                  "message": {"role": "assistant", "content": ""},
                                  "done": True, "done_reason": "unload"})
-        messages = normalize_messages(body.get("messages"))
+        tools = tool_setup(tool_calls.ollama_setup, body)
+        messages = normalize_messages(tools.messages)
         stream = field(body, "stream", bool, True)
         apply_keep_alive(node, model, keep_alive)
         req = dataclasses.replace(ollama_request(body, model, ""), messages=tuple(messages))
-        return InferenceResponse(node, req, ollama_format(model, True, t0), stream=stream,
+        return InferenceResponse(node, req, tools.ollama_format(ollama_format(model, True, t0)),
+                                 stream=stream,
                                  local_only=_local_only(request, body),
                                  error_shape=ollama_error, endpoint="/api/chat")
 

@@ -39,8 +39,9 @@ Check = Callable[[Any], str | None]
 
 _LATER_STRUCTURED = ("structured output is not supported yet (planned: grammar-constrained "
                      "JSON); leave it out and parse the text yourself")
-_LATER_TOOLS = ("tool calls are not supported yet; leave tools out and describe the tools "
-                "in the prompt")
+_LEGACY_FUNCTIONS = ("the legacy functions/function_call are not supported; send the same "
+                     "functions as tools=[{\"type\": \"function\", \"function\": {...}}] and "
+                     "tool_choice")
 
 
 def _empty(v: Any) -> bool:
@@ -76,9 +77,9 @@ def _response_format(v: Any) -> str | None:
     return "must be {\"type\": \"text\"} (json_object and json_schema are not supported yet)"
 
 
-def _tool_choice(v: Any) -> str | None:
-    # With no tools (refused otherwise), "none" and "auto" both mean: answer in text.
-    return None if v in (None, "none", "auto") else _LATER_TOOLS
+def _function_call(v: Any) -> str | None:
+    # Without functions (refused), "none" and "auto" both mean: answer in text.
+    return None if v in (None, "none", "auto") else _LEGACY_FUNCTIONS
 
 
 def _modalities(v: Any) -> str | None:
@@ -105,6 +106,8 @@ _N = _only(1, why="n > 1 is not supported; send n=1 and make several requests")
 _LOGIT_BIAS = _absent("logit_bias is not supported; leave it out")
 _PENALTY = _zero("is not supported (only 0); use repeat_penalty (an extension field) instead")
 _HARMLESS: Check = lambda v: None  # noqa: E731
+# Honoured: read and checked (a 400 naming the field) by qvacd/tool_calls.py, not here.
+_TOOL_FIELD: Check = _HARMLESS
 
 # ---- OpenAI ------------------------------------------------------------------------
 
@@ -139,12 +142,9 @@ OPENAI_CHAT: dict[str, Check] = {
     **_OPENAI_COMMON,
     "logprobs": _only(False, why="logprobs are not supported; send logprobs=false"),
     "top_logprobs": _only(0, why="top_logprobs are not supported; leave it out"),
-    "tools": _absent(_LATER_TOOLS),
-    "tool_choice": _tool_choice,
-    "functions": _absent(_LATER_TOOLS),
-    "function_call": _tool_choice,
-    # Only matters when there are tools to call, and tools are refused.
-    "parallel_tool_calls": _HARMLESS,
+    "tools": _TOOL_FIELD, "tool_choice": _TOOL_FIELD, "parallel_tool_calls": _TOOL_FIELD,
+    "functions": _absent(_LEGACY_FUNCTIONS),
+    "function_call": _function_call,
     "response_format": _response_format,
     "modalities": _modalities,
     "audio": _only(why="audio output is not supported; leave audio out"),
@@ -169,9 +169,8 @@ OPENAI_CHAT: dict[str, Check] = {
 
 _OPENAI_MESSAGE: dict[str, Check] = {
     "name": _absent("participant names are not supported; put the name in the content"),
-    "tool_calls": _absent(_LATER_TOOLS),
-    "tool_call_id": _absent(_LATER_TOOLS),
-    "function_call": _absent(_LATER_TOOLS),
+    "tool_calls": _TOOL_FIELD, "tool_call_id": _TOOL_FIELD,
+    "function_call": _absent(_LEGACY_FUNCTIONS),
     "audio": _absent("audio is not supported; leave it out"),
     "refusal": _absent("is not supported; put the text in content"),
 }
@@ -209,13 +208,12 @@ OLLAMA_GENERATE: dict[str, Check] = {
 OLLAMA_CHAT: dict[str, Check] = {
     **_OLLAMA_COMMON,
     "messages": _HARMLESS,  # honoured (api_chat)
-    "tools": _absent(_LATER_TOOLS),
+    "tools": _TOOL_FIELD,
 }
 
 _OLLAMA_MESSAGE: dict[str, Check] = {
     "images": _absent("images are not supported: the models qvacd serves are text-only"),
-    "tool_calls": _absent(_LATER_TOOLS),
-    "tool_name": _absent(_LATER_TOOLS),
+    "tool_calls": _TOOL_FIELD, "tool_name": _TOOL_FIELD,
     # An earlier turn's reasoning text: Ollama's own templates drop it from the prompt.
     "thinking": _HARMLESS,
 }

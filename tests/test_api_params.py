@@ -76,8 +76,10 @@ def test_openai_completions_n_says_what_to_do(oai):
     ({"n": 3}, "n"),
     ({"logprobs": True}, "logprobs"),
     ({"top_logprobs": 2}, "top_logprobs"),
-    ({"tools": [TOOL]}, "tools"),
+    # tools are honoured (tests/test_tool_calls.py); without tools, nothing to require
     ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+     "tool_choice"),
     ({"functions": [TOOL["function"]]}, "functions"),
     ({"function_call": {"name": "get_time"}}, "function_call"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
@@ -107,9 +109,9 @@ def test_openai_structured_output_says_not_yet(oai):
 
 @pytest.mark.parametrize("message,field", [
     ({"role": "user", "content": "Hi", "name": "bob"}, "messages[0].name"),
-    ({"role": "assistant", "content": None, "tool_calls": [
-        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
-     "messages[0].tool_calls"),
+    ({"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": "{}"}},
+     "messages[0].function_call"),
+    ({"role": "tool", "content": "42", "tool_call_id": "c1"}, "messages[0].tool_call_id"),
     ({"role": "user", "content": "Hi", "colour": "red"}, "messages[0].colour"),
 ])
 def test_openai_chat_refuses_message_fields(oai, message, field):
@@ -206,7 +208,8 @@ def test_ollama_format_says_not_yet(oll):
 
 
 @pytest.mark.parametrize("kwargs,field", [
-    ({"tools": [TOOL]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "get time"}}]},
+     "tools[0].function.name"),
     ({"format": "json"}, "format"),
     ({"think": "high"}, "think"),
     ({"options": {"mirostat": 1}}, "options.mirostat"),
