@@ -6,6 +6,8 @@ Modes:
     stall     sends the first sub-frame of a chunk, then nothing, keeping the stream open
     manifest  serves a manifest whose hash for chunk 0 is false (same file sha256), so it
               disagrees with honest seeders; its chunks are honest
+    onechunk  honest, but answers one request per stream and closes it, as seeders did
+              before a stream could carry several chunk requests
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from qvacd.services.shard import ShardService
 class BadShardService(ShardService):
     def __init__(self, *args: Any, mode: str, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if mode not in ("corrupt", "short", "stall", "manifest"):
+        if mode not in ("corrupt", "short", "stall", "manifest", "onechunk"):
             raise ValueError(f"unknown bad-seeder mode {mode!r}")
         self.mode = mode
 
@@ -46,6 +48,10 @@ class BadShardService(ShardService):
         false = Manifest(sha256=m.sha256, size=m.size, chunk_size=m.chunk_size,
                          chunk_hashes=lie + m.chunk_hashes[32:], gguf=m.gguf)
         return false, false.encode()
+
+    async def _handle_one(self, *args: Any) -> tuple[bool, bool]:
+        again, reset = await super()._handle_one(*args)
+        return (again and self.mode != "onechunk"), reset
 
     async def _send_chunk(self, stream: Any, index: int, data: bytes) -> None:
         if self.mode != "stall":

@@ -182,6 +182,8 @@ def test_pull_from_one_seeder_then_from_two(mesh, model_sha):
     s1, s2, p1, p2 = (mesh.nodes[n] for n in ("s1", "s2", "p1", "p2"))
     s1_before = s1.metric("qvacd_shard_upload_bytes_total")
     s2_before = s2.metric("qvacd_shard_upload_bytes_total")
+    s1_streams = s1.metric("qvacd_shard_streams_total")
+    s1_chunks = s1.metric("qvacd_shard_requests_total", kind="chunk", outcome="ok")
 
     # One seeder (--from): every byte from s1, none from s2.
     status, lines = pull(p1, {"from": mesh.ids["s1"]})
@@ -194,6 +196,13 @@ def test_pull_from_one_seeder_then_from_two(mesh, model_sha):
     assert s2.metric("qvacd_shard_upload_bytes_total") == s2_before
     s1_sent = s1.metric("qvacd_shard_upload_bytes_total")
     assert s1_sent - s1_before == done["total"]
+    # Chunk after chunk on a few long-lived streams (4 lanes and the manifest's, plus any
+    # reopened after an idle close), not one stream per chunk.
+    n_chunks = -(-done["total"] // CHUNK)
+    assert s1.metric("qvacd_shard_requests_total", kind="chunk", outcome="ok") - s1_chunks \
+        == n_chunks
+    streams = s1.metric("qvacd_shard_streams_total") - s1_streams
+    assert 2 <= streams <= 12 < n_chunks, (streams, n_chunks)
     names = [m["name"] for m in p1.status()["models"]]
     assert names == [MODEL], names
     assert not list((p1.data_dir / "models" / "partial").glob("*"))
@@ -298,6 +307,47 @@ def test_dishonest_seeders_are_dropped_and_named(mesh, model_sha):
     log = p1.log()
     for m in bad:
         assert f"dropped provider {mesh.ids[m]}" in log
+
+
+def test_pull_whose_seeders_all_stall_fails_in_one_line_naming_them(mesh, model_sha):
+    stallers = ["stall1", "stall2"]
+    pullers(mesh, ["p1"], [])
+    for name in stallers:
+        mesh.add(name, env={"QVACD_TEST_BAD_SEEDER": "stall"})
+        mesh.trust(name, "p1", ["seeder"])
+        mesh.trust("p1", name, ["provider"])
+    mesh.nodes["p1"].env["QVACD_PULL_STALL_TIMEOUT"] = "2"
+    mesh.start(*stallers)
+    mesh.start("p1", bootstrap=tuple(stallers))
+    mesh.wait_holders("p1", stallers)
+    t0 = time.monotonic()
+    status, lines = pull(mesh.nodes["p1"], {})
+    assert time.monotonic() - t0 < 60
+    assert status == 200, lines
+    error = lines[-1].get("error", "")
+    assert error and "\n" not in error, lines[-1]
+    for name in stallers:
+        assert mesh.ids[name] in error, error
+    assert error.count("stalled") == 2 and "pull again to resume" in error, error
+    assert not (mesh.nodes["p1"].data_dir / "models" / "blobs" / f"sha256-{model_sha}").exists()
+
+
+def test_seeder_answering_one_chunk_per_stream_still_serves_the_whole_pull(mesh, model_sha):
+    """A seeder that closes each stream after one answer (as before streams carried
+    several chunk requests): the puller's lanes ask again on fresh streams."""
+    pullers(mesh, ["p1"], [])
+    mesh.add("old", env={"QVACD_TEST_BAD_SEEDER": "onechunk"})
+    mesh.trust("old", "p1", ["seeder"])
+    mesh.trust("p1", "old", ["provider"])
+    mesh.start("old")
+    mesh.start("p1", bootstrap=("old",))
+    mesh.wait_holders("p1", ["old"])
+    status, lines = pull(mesh.nodes["p1"], {})
+    assert status == 200 and lines[-1]["status"] == "success", lines[-1]
+    assert not lines[-1].get("dropped"), lines[-1]
+    assert blob_sha(mesh.nodes["p1"], model_sha) == model_sha
+    n_chunks = -(-lines[-1]["total"] // CHUNK)
+    assert mesh.nodes["old"].metric("qvacd_shard_streams_total") >= n_chunks
 
 
 def test_lying_manifest_in_a_tie_cannot_get_the_honest_seeder_dropped(mesh, model_sha):

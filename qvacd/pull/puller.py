@@ -38,7 +38,7 @@ from .errors import TRANSIENT, AllFailed, Busy, ManifestFalse, PeerFault, PullEr
 from .metrics import pull_metrics
 from .options import PullOptions
 from .relay_plan import CircuitView, RelayPlan, RelayPlanner
-from .shard_client import ShardClient, StreamOpener
+from .shard_client import ChunkLane, ShardClient, StreamOpener
 
 plog = logging.getLogger("qvacd.pull")
 
@@ -636,6 +636,15 @@ class Puller:
 
         async def worker(peer: str, busy_since: list[float | None], strikes: list[int]
                          ) -> None:
+            lane = ChunkLane()  # one stream to `peer`, kept for chunk after chunk
+            try:
+                await fetch_from(peer, busy_since, strikes, lane)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await lane.close()
+
+        async def fetch_from(peer: str, busy_since: list[float | None], strikes: list[int],
+                             lane: ChunkLane) -> None:
             while left:
                 if not pending:
                     with trio.move_on_after(1.0):
@@ -653,7 +662,7 @@ class Puller:
                     return
                 try:
                     async with inflight:
-                        pieces = await self.shard.fetch_chunk(peer, manifest, index)
+                        pieces = await self.shard.fetch_chunk(peer, manifest, index, lane)
                         good = await trio.to_thread.run_sync(partial.store_chunk, index, pieces)
                         # Book-keeping with no checkpoint in between: a cancel arriving now
                         # must not put a stored chunk back in the queue.

@@ -1,7 +1,9 @@
 """The seeder: serves this node's models to peers over `/qvac/shard/1.0.0`.
 
 `ShardService` serves a model's manifest (by name or sha256) and its chunks by index, in
-sub-frames of at most 1 MiB read straight from the store blob. Only peers with the
+sub-frames of at most 1 MiB read straight from the store blob. A fetcher may ask for one
+chunk after another on one stream (each after the previous answer ended): the stream is
+served until the fetcher closes it or sends nothing for `request_timeout_s`. Only peers with the
 `seeder` role (or anyone, on a public donor) are served; concurrent uploads and the
 upload rate are capped. Blob reads and manifest builds run in worker threads, so a slow
 disk never stalls the event loop. The puller, the other side, is qvacd/pull/.
@@ -54,6 +56,8 @@ class SeederMetrics:
                                     registry=r)
         self.shard_requests = Counter("qvacd_shard_requests", "Shard requests served",
                                       ["kind", "outcome"], registry=r)
+        self.shard_streams = Counter("qvacd_shard_streams", "Shard streams peers opened"
+                                     " (each may carry several chunk requests)", registry=r)
 
 
 _METRICS: weakref.WeakKeyDictionary[CollectorRegistry, SeederMetrics] = \
@@ -95,6 +99,11 @@ class _RateLimiter:
 
 # ---- seeder ------------------------------------------------------------------------------
 
+_ENDED = object()  # no further request on a stream that already carried one
+# Outcomes after which the answer was whole, so the stream can carry another request.
+_WHOLE_ANSWERS = frozenset({"ok", "busy", "not_found", "bad_request"})
+_CUT_SHORT = frozenset({"gone", "timeout", "error"})  # outcomes whose stream is reset
+
 
 class ShardService:
     """Serves `/qvac/shard/1.0.0`. Register `handle` as the protocol's stream handler."""
@@ -128,30 +137,57 @@ class ShardService:
         self.metrics.shard_requests.labels(kind, outcome).inc()
 
     async def handle(self, stream: Stream, peer_id: str) -> None:
+        """Requests on one stream, one after another, until the fetcher closes it, goes
+        quiet, or an answer was not whole (then the stream is reset)."""
+        self.metrics.shard_streams.inc()
+        decoder = FrameDecoder(SHARD_LIMITS)
+        reset = False
+        try:
+            first = True
+            while not reset:
+                again, reset = await self._handle_one(stream, peer_id, decoder, first)
+                if not again:
+                    break
+                first = False
+        finally:
+            # A reset tells the fetcher the answer was cut short; everything else, even a
+            # refusal, was a whole answer and ends cleanly.
+            await close_stream(stream, reset=reset)
+
+    async def _handle_one(self, stream: Stream, peer_id: str, decoder: FrameDecoder,
+                          first: bool) -> tuple[bool, bool]:
+        """One request and its answer: (serve another on this stream?, reset it?)."""
         kind, outcome = "unknown", "error"
         try:
-            msg = await self._read_request(stream)
+            msg = await self._read_request(stream, decoder, first)
+            if msg is _ENDED:
+                outcome = ""  # the fetcher closed or went quiet between requests: routine
+                return False, False
             if msg is None:
                 outcome = "timeout"
                 await _write(stream, Error(ErrorCode.DEADLINE, "no request within"
                                            f" {self.request_timeout_s:.0f} s of opening the stream"))
-                return
+                return False, True
+            assert isinstance(msg, Message)
             kind = "manifest" if isinstance(msg, ManifestRequest) else "chunk"
             if not isinstance(msg, ManifestRequest | ChunkRequest):
                 kind, outcome = "unknown", "protocol"
                 await _write(stream, Error(ErrorCode.PROTOCOL, f"{SHARD_PROTOCOL} expects a"
                                            f" manifest or chunk request, got {msg.tag!r}"))
-                return
+                return False, False
             if not self.is_authorized(peer_id):
                 outcome = "unauthorized"
                 await _write(stream, Error(ErrorCode.UNAUTHORIZED, f"this node does not trust"
                                            f" peer {peer_id} with the seeder role; on this node"
                                            f" run `qvacd trust add {peer_id} --roles seeder`"))
-                return
+                return False, False
             if isinstance(msg, ManifestRequest):
                 outcome = await self._serve_manifest(stream, msg, peer_id)
             else:
                 outcome = await self._serve_chunk(stream, msg, peer_id)
+            # a whole chunk, or a refusal the fetcher may follow with another request
+            return (outcome in _WHOLE_ANSWERS and isinstance(msg, ChunkRequest),
+                    outcome in _CUT_SHORT)
         except ProtocolError as e:
             outcome = "protocol"
             log.info("shard request from %s was malformed: %s", peer_id, e)
@@ -170,29 +206,37 @@ class ShardService:
                     await _write(stream, Error(ErrorCode.INTERNAL, "seeder error; try another"
                                                " peer"))
         finally:
-            self._count(kind, outcome)
+            if outcome:
+                self._count(kind, outcome)
             if outcome in ("protocol", "unauthorized"):
                 self.on_offence(outcome, stream, peer_id)
-            # A reset tells the fetcher the answer was cut short; everything else, even a
-            # refusal, was a whole answer and ends cleanly.
-            await close_stream(stream, reset=outcome in ("gone", "timeout", "error"))
+        return False, outcome in _CUT_SHORT
 
-    async def _read_request(self, stream: Stream) -> Message | None:
-        decoder = FrameDecoder(SHARD_LIMITS)
+    async def _read_request(self, stream: Stream, decoder: FrameDecoder, first: bool
+                            ) -> Message | object | None:
+        """The next request; None if the first did not come in time; _ENDED when the
+        fetcher closed the stream or sent nothing for a while after an earlier one."""
         with trio.move_on_after(self.request_timeout_s):
             while True:
                 msg = decoder.next_message()
                 if msg is not None:
                     return msg
-                data = await read_some(stream)
+                try:
+                    data = await read_some(stream)
+                except StreamEnded:
+                    if first or decoder.buffered:
+                        raise
+                    return _ENDED  # reset between requests: the fetcher is done with it
                 if not data:
+                    if not first and not decoder.buffered:
+                        return _ENDED
                     decoder.feed_eof()
                     msg = decoder.next_message()
                     if msg is None:
                         raise ProtocolError(ErrorCode.PROTOCOL, "stream ended before a request")
                     return msg
                 decoder.feed(data)
-        return None
+        return None if first else _ENDED
 
     def _resolve(self, name_or_sha: str) -> ModelEntry | None:
         entry = self.store.resolve(name_or_sha)
