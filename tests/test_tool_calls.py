@@ -456,3 +456,35 @@ def test_delegated_named_call_comes_back_as_tool_calls(mesh):
     assert deltas and deltas[0].function.name == "get_weather"
     _valid_call("get_weather", "".join(d.function.arguments or "" for d in deltas))
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def _openai_shape(messages: list[dict]) -> list[dict]:
+    """FEW_SHOT as OpenAI sends it: calls with ids and JSON-text arguments, results
+    answering them by id."""
+    out, n = [], 0
+    for m in messages:
+        if m.get("tool_calls"):
+            n += 1
+            fn = m["tool_calls"][0]["function"]
+            out.append({"role": "assistant", "content": None, "tool_calls": [{
+                "id": f"call_{n}", "type": "function", "function": {
+                    "name": fn["name"], "arguments": json.dumps(fn["arguments"])}}]})
+        elif m["role"] == "tool":
+            out.append({"role": "tool", "tool_call_id": f"call_{n}", "content": m["content"]})
+        else:
+            out.append(m)
+    return out
+
+
+def test_openai_auto_call_streams_as_tool_calls(oai):
+    chunks = [c for c in oai.chat.completions.create(
+        model=MODEL, messages=_openai_shape(FEW_SHOT), tools=[WEATHER], max_tokens=40,
+        temperature=0, stream=True) if c.choices]
+    deltas = [c.choices[0].delta for c in chunks]
+    assert deltas[0].role == "assistant"
+    calls = [d.tool_calls[0] for d in deltas if d.tool_calls]
+    assert calls and calls[0].id.startswith("call_") and calls[0].function.name == "get_weather"
+    args = "".join(c.function.arguments or "" for c in calls)
+    assert _valid_call("get_weather", args) == {"city": "Paris", "days": 3}
+    assert not any(d.content for d in deltas)  # held back, then sent as the call
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
