@@ -557,7 +557,11 @@ class Engine:
             runner = await self._runner_for(m)
             if req.grammar is not None:
                 try:
-                    runner.check_grammar(req.grammar)
+                    if len(req.resume) > 16384:  # walking a long resume: off the event loop
+                        await trio.to_thread.run_sync(runner.check_grammar, req.grammar,
+                                                      req.resume)
+                    else:
+                        runner.check_grammar(req.grammar, req.resume)
                 except GrammarError as e:
                     raise EngineError(BAD_REQUEST, str(e)) from None
             text = req.prompt + req.resume

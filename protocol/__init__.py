@@ -21,6 +21,7 @@ from ._limits import (
 from ._messages import (
     CAPACITY_PROTOCOL,
     INFER_PROTOCOL,
+    MAX_GRAMMAR_LEN,
     MESSAGE_TYPES,
     PAIR_PROTOCOL,
     PROTOCOL_MESSAGES,
@@ -53,6 +54,7 @@ __all__ = [
     "DEFAULT_LIMITS",
     "INFER_PROTOCOL",
     "MAX_CHUNK_PIECE",
+    "MAX_GRAMMAR_LEN",
     "MAX_FRAME_SIZE",
     "MAX_MANIFEST_SIZE",
     "MAX_RECORD_SIZE",

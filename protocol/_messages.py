@@ -35,6 +35,7 @@ from ._limits import (
 __all__ = [
     "CAPACITY_PROTOCOL",
     "INFER_PROTOCOL",
+    "MAX_GRAMMAR_LEN",
     "MESSAGE_TYPES",
     "PAIR_PROTOCOL",
     "PROTOCOL_MESSAGES",
@@ -75,6 +76,9 @@ PAIR_MAC_LEN = 32  # HMAC-SHA256
 MAX_PAIR_ROLES = 8
 MAX_CERTIFICATE_LEN = 4096  # a mesh certificate's text (peers/mesh.py makes ~400)
 MAX_STOP = 16  # stop strings per request
+# GBNF text of a grammar-constrained request (structured output, tool calls); the same
+# bound as models.grammar.MAX_GRAMMAR_CHARS, which builds them
+MAX_GRAMMAR_LEN = 64 * 1024
 MAX_ERROR_MESSAGE_LEN = 4096
 MAX_DEADLINE_MS = 24 * 3600 * 1000  # nobody waits a day for one answer
 MAX_RETRY_AFTER = 24 * 3600.0
@@ -286,6 +290,10 @@ class InferRequest(_Message):
     `resume` is text a previous provider already generated for this request: continue
     after prompt+resume (or after the chat prompt + resume as the assistant's partial
     reply) and stream only the new text.
+    `grammar` is GBNF (root rule "root") every generated token must fit; with `resume`,
+    the resume text is the start of the answer inside the grammar. A provider that
+    enforces it says so in Accepted.grammar: one that does not know the field ignores it
+    (unknown keys are), and the consumer then goes to another peer.
     """
 
     tag: ClassVar[str] = "req"
@@ -301,6 +309,7 @@ class InferRequest(_Message):
     stop: tuple[str, ...] = ()
     deadline_ms: int = DEFAULT_DEADLINE_MS
     resume: str | None = None
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         _check_str("InferRequest.model", self.model, max_len=MAX_NAME_LEN, min_len=1)
@@ -339,18 +348,26 @@ class InferRequest(_Message):
         _check_int("InferRequest.deadline_ms", self.deadline_ms, 1, MAX_DEADLINE_MS)
         if self.resume is not None:
             _check_str("InferRequest.resume", self.resume, max_len=DEFAULT_LIMITS.max_str_len)
+        if self.grammar is not None:
+            _check_str("InferRequest.grammar", self.grammar, max_len=MAX_GRAMMAR_LEN,
+                       min_len=1)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Accepted(_Message):
-    """The provider took the request; `queue_position` 0 means it is generating now."""
+    """The provider took the request; `queue_position` 0 means it is generating now.
+    `grammar` true: the request's grammar is enforced (absent from providers that
+    predate the field, which would ignore the grammar)."""
 
     tag: ClassVar[str] = "acc"
     wire_required: ClassVar[frozenset[str]] = frozenset({"queue_position"})
     queue_position: int = 0
+    grammar: bool | None = None
 
     def __post_init__(self) -> None:
         _check_int("Accepted.queue_position", self.queue_position, 0, U32_MAX)
+        if self.grammar is not None:
+            _check_bool("Accepted.grammar", self.grammar)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -615,7 +615,8 @@ def build_app(node: ServedNode) -> Starlette:
             "template": template if isinstance(template, str) else "(qvacd fallback chat template)",
             "details": ollama_details(entry),
             "model_info": model_info,
-            "capabilities": ["completion"],
+            # tools: every model, through qvacd/tool_calls.py's rendering and grammar
+            "capabilities": ["completion", "tools"],
             "modified_at": datetime.fromtimestamp(entry.added, timezone.utc).isoformat(),
         })
 

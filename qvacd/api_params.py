@@ -37,8 +37,6 @@ class Refusal:
 # A check returns None when the value is fine (a default or a no-op), else why not.
 Check = Callable[[Any], str | None]
 
-_LATER_STRUCTURED = ("structured output is not supported yet (planned: grammar-constrained "
-                     "JSON); leave it out and parse the text yourself")
 _LEGACY_FUNCTIONS = ("the legacy functions/function_call are not supported; send the same "
                      "functions as tools=[{\"type\": \"function\", \"function\": {...}}] and "
                      "tool_choice")
@@ -69,14 +67,6 @@ def _zero(why: str) -> Check:
         v, bool) and v == 0) else why
 
 
-def _response_format(v: Any) -> str | None:
-    if v is None or v == {"type": "text"}:
-        return None
-    if isinstance(v, dict) and v.get("type") in ("json_object", "json_schema"):
-        return f"'{v['type']}' is not supported yet: {_LATER_STRUCTURED}"
-    return "must be {\"type\": \"text\"} (json_object and json_schema are not supported yet)"
-
-
 def _function_call(v: Any) -> str | None:
     # Without functions (refused), "none" and "auto" both mean: answer in text.
     return None if v in (None, "none", "auto") else _LEGACY_FUNCTIONS
@@ -84,14 +74,6 @@ def _function_call(v: Any) -> str | None:
 
 def _modalities(v: Any) -> str | None:
     return None if v is None or v == ["text"] else "only [\"text\"] is supported; audio is not"
-
-
-def _ollama_format(v: Any) -> str | None:
-    if _empty(v):
-        return None
-    if v == "json" or isinstance(v, dict):
-        return f"'json' and JSON schemas are not supported yet: {_LATER_STRUCTURED}"
-    return "must be \"json\" or a JSON schema (and neither is supported yet)"
 
 
 def _repeat_last_n(v: Any) -> str | None:
@@ -108,6 +90,9 @@ _PENALTY = _zero("is not supported (only 0); use repeat_penalty (an extension fi
 _HARMLESS: Check = lambda v: None  # noqa: E731
 # Honoured: read and checked (a 400 naming the field) by qvacd/tool_calls.py, not here.
 _TOOL_FIELD: Check = _HARMLESS
+# Read and checked by qvacd/structured_output.py (api.py hands it the value): OpenAI
+# response_format, Ollama format. A schema it cannot enforce is a 400 from there.
+_STRUCTURED_HONOURED: Check = _HARMLESS
 
 # ---- OpenAI ------------------------------------------------------------------------
 
@@ -136,6 +121,8 @@ OPENAI_COMPLETIONS: dict[str, Check] = {
     "suffix": _absent("suffix (fill-in-the-middle) is not supported; leave it out"),
     "best_of": _only(1, why="best_of > 1 is not supported; send best_of=1 and make several "
                      "requests"),
+    # Not in OpenAI's legacy completions; honoured as llama.cpp's server does.
+    "response_format": _STRUCTURED_HONOURED,
 }
 
 OPENAI_CHAT: dict[str, Check] = {
@@ -145,7 +132,7 @@ OPENAI_CHAT: dict[str, Check] = {
     "tools": _TOOL_FIELD, "tool_choice": _TOOL_FIELD, "parallel_tool_calls": _TOOL_FIELD,
     "functions": _absent(_LEGACY_FUNCTIONS),
     "function_call": _function_call,
-    "response_format": _response_format,
+    "response_format": _STRUCTURED_HONOURED,
     "modalities": _modalities,
     "audio": _only(why="audio output is not supported; leave audio out"),
     "reasoning_effort": _only("none", why="the models qvacd serves have no reasoning mode; "
@@ -182,7 +169,7 @@ _OLLAMA_HONOURED = {"model", "stream", "options", "local_only",
                     "keep_alive"}
 
 _OLLAMA_COMMON: dict[str, Check] = {
-    "format": _ollama_format,
+    "format": _STRUCTURED_HONOURED,
     "think": _only(False, why="the models qvacd serves have no thinking mode; send think=false"),
     "logprobs": _only(False, why="logprobs are not supported; send logprobs=false"),
     "top_logprobs": _only(0, why="top_logprobs are not supported; leave it out"),

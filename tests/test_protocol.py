@@ -20,6 +20,7 @@ import protocol
 from protocol import (
     DEFAULT_LIMITS,
     MAX_CHUNK_PIECE,
+    MAX_GRAMMAR_LEN,
     MAX_MANIFEST_SIZE,
     MESSAGE_TYPES,
     SHARD_LIMITS,
@@ -71,8 +72,11 @@ EXAMPLES: list[protocol.Message] = [
         deadline_ms=60_000,
         resume="partial ",
     ),
+    InferRequest(model="m", prompt="Yes or no?", deadline_ms=1000,
+                 grammar='root ::= "yes" | "no"'),
     Accepted(queue_position=0),
     Accepted(queue_position=7),
+    Accepted(queue_position=0, grammar=True),
     Error(code=ErrorCode.BUSY, message="try later", retry_after=1.5),
     Error(code=ErrorCode.INTERNAL, message=""),
     Token(text="héllo"),
@@ -149,6 +153,7 @@ def infer_requests(draw: st.DrawFn) -> InferRequest:
         stop=tuple(draw(st.lists(names, max_size=3))),
         deadline_ms=draw(st.integers(1, 86_400_000)),
         resume=draw(st.none() | texts),
+        grammar=draw(st.none() | st.text(min_size=1, max_size=200)),
     )
 
 
@@ -265,8 +270,8 @@ def test_invalid_vector(title: str, fields: dict[str, str]) -> None:
 SCHEMA: dict[str, dict[str, str]] = {
     "req": {"model": "str", "prompt": "str?", "messages": "array?", "max_tokens": "int?",
             "temperature": "float?", "top_p": "float?", "seed": "int?", "stop": "array?",
-            "deadline_ms": "int", "resume": "str?"},
-    "acc": {"queue_position": "int"},
+            "deadline_ms": "int", "resume": "str?", "grammar": "str?"},
+    "acc": {"queue_position": "int", "grammar": "bool?"},
     "err": {"code": "str", "message": "str", "retry_after": "float?"},
     "tok": {"text": "str"},
     "done": {"finish_reason": "str", "prompt_tokens": "int", "completion_tokens": "int"},
@@ -387,6 +392,10 @@ OUT_OF_RANGE = [
     ({"t": "paird", "roles": [1]}, ErrorCode.PROTOCOL),
     ({"t": "paird", "roles": ["r"], "certificate": ""}, ErrorCode.BAD_REQUEST),
     ({"t": "paird", "roles": ["r"], "certificate": "c" * 4097}, ErrorCode.TOO_LARGE),
+    ({"t": "req", "model": "m", "prompt": "p", "deadline_ms": 1, "grammar": ""},
+     ErrorCode.BAD_REQUEST),
+    ({"t": "req", "model": "m", "prompt": "p", "deadline_ms": 1,
+      "grammar": "g" * (MAX_GRAMMAR_LEN + 1)}, ErrorCode.TOO_LARGE),
 ]
 
 

@@ -423,6 +423,7 @@ FEW_SHOT = [
 
 def test_ollama_tools_on_api_chat(shared_daemon):
     client = ollama.Client(host=shared_daemon.api)
+    assert "tools" in client.show(MODEL).capabilities  # what Ollama's clients check first
     opts = {"temperature": 0, "num_predict": 40}
     r = client.chat(model=MODEL, messages=FEW_SHOT, tools=[WEATHER], stream=False,
                     options=opts)

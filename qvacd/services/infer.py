@@ -147,13 +147,15 @@ class InferService:
             seed=msg.seed,
             stop=tuple(msg.stop),
             resume=msg.resume or "",
+            grammar=msg.grammar,
         )
         self.quota.active[peer] += 1
         produced = 0
         try:
             with trio.move_on_after(msg.deadline_ms / 1000) as deadline:
                 async with self.engine.generate(req) as gen:
-                    await io.send(Accepted(queue_position=0))
+                    await io.send(Accepted(queue_position=0,
+                                           grammar=True if msg.grammar is not None else None))
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(_cancel_on_inbound_close, io, nursery.cancel_scope)
                         async for piece in gen:
