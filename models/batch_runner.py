@@ -28,13 +28,12 @@ shared/llama-cpp-batching-and-rpc.md for the facts about the bindings):
   thread through a condition variable.
 
 Grammar-constrained sampling (structured output, tool calls): a request with a GBNF
-grammar gets a grammar sampler of its own beside its chain, used as llama.cpp's
-common_sampler does: the chain picks a token from the raw logits; if the grammar admits
-it, done; else the grammar masks the whole vocabulary (costly: 262k pieces checked) and
-the chain picks again. A token is accepted into the grammar only after the grammar said
-it admits it: llama.cpp aborts the process on accepting one it does not. A resumed
-answer (failover) first walks the grammar over the text already given, token by token,
-and ends with an error if that text is not a start the grammar admits.
+grammar gets a grammar sampler of its own (models/grammar_sampling.py) beside its chain,
+used as llama.cpp's common_sampler does: the chain picks a token from the raw logits; if
+the grammar admits it, done; else the grammar masks the candidates (the most likely
+GRAMMAR_SHORTLIST first; all 262k pieces only if none fits) and the chain picks again.
+A resumed answer (failover) first walks the grammar over the text already given, and
+ends with an error if that text is not a start the grammar admits.
 
 Faults: "no KV slot" (llama_decode returns 1) shrinks the step's prompt chunks and
 retries, then ends the newest sequence with a clear error, never everyone; a fatal
@@ -53,12 +52,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .grammar_sampling import GRAMMAR_SHORTLIST, GrammarSampler, candidates
+
 log = logging.getLogger("qvacd.models.batch")
 
 PENALTY_LAST_N = 64  # llama-cpp-python's default window for repeat_penalty
-# A grammar that refuses the chain's choice masks this many of the most likely tokens
-# first (see _sample_in_grammar)
-GRAMMAR_SHORTLIST = 2048
 
 
 @dataclass(frozen=True)
@@ -135,7 +133,7 @@ class _Sequence:
         self.last_used = 0.0
         self.req: SequenceRequest | None = None
         self.sampler: Any = None
-        self.grammar: Any = None  # llama.cpp grammar sampler, or None
+        self.grammar: GrammarSampler | None = None
         self.todo: list[int] = []  # prompt tokens not yet evaluated
         self.next_token: int | None = None  # sampled, not yet in the KV cache
         self.batch_index = -1  # where this step's logits are, or -1
@@ -182,7 +180,6 @@ class BatchRunner:
         self._n_vocab = 0
         self._seqs: list[_Sequence] = []
         self._piece_buf = ctypes.create_string_buffer(256)
-        self._token_ids: Any = None  # 0..n_vocab-1 (int32), for whole-vocabulary candidates
         # counters read by the event loop (plain ints: the GIL makes them coherent)
         self.tokens_generated = 0
         self.steps = 0
@@ -243,19 +240,13 @@ class BatchRunner:
         """GrammarError unless llama.cpp parses `grammar` (root rule "root") and it admits
         `prefix` as the start of an answer. Safe from the event loop: parsing and matching
         read only the vocabulary."""
-        import llama_cpp
+        from .grammar import GrammarError
 
-        from .grammar import GrammarError, check_grammar_text
-
-        check_grammar_text(grammar)
-        smpl = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
-        if not smpl:
-            raise GrammarError("the grammar does not parse as GBNF with a rule named root "
-                               "(llama.cpp's log says where)")
+        sampler = GrammarSampler(self._vocab, grammar)
         try:
-            why = self._walk_grammar(smpl, prefix)
+            why = sampler.walk(prefix, self._piece)
         finally:
-            llama_cpp.llama_sampler_free(smpl)
+            sampler.free()
         if why is not None:
             raise GrammarError(why)
 
@@ -304,8 +295,8 @@ class BatchRunner:
             if s.sampler:
                 llama_cpp.llama_sampler_free(s.sampler)
                 s.sampler = None
-            if s.grammar:
-                llama_cpp.llama_sampler_free(s.grammar)
+            if s.grammar is not None:
+                s.grammar.free()
                 s.grammar = None
         if self._batch is not None:
             llama_cpp.llama_batch_free(self._batch)
@@ -409,58 +400,16 @@ class BatchRunner:
         req.outcome.cached_tokens = keep
         s.sampler = self._make_sampler(req.sampling, prompt)
         if req.grammar is not None:
-            why = self._start_grammar(s, req.grammar, req.grammar_prefix)
+            try:
+                s.grammar = GrammarSampler(self._vocab, req.grammar)
+                why = s.grammar.walk(req.grammar_prefix, self._piece)
+            except ValueError as e:  # GrammarError (Engine.generate checked it first)
+                why = str(e)
             if why is not None:
                 self._finish(s, "error", why)
                 return
         if req.max_new <= 0:
             self._finish(s, "length")
-
-    def _start_grammar(self, s: _Sequence, grammar: str, prefix: str) -> str | None:
-        """Gives `s` its grammar sampler, walked over `prefix`; why not, or None."""
-        import llama_cpp
-
-        s.grammar = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
-        if not s.grammar:
-            return "the grammar does not parse as GBNF with a rule named root"
-        return self._walk_grammar(s.grammar, prefix)
-
-    def _walk_grammar(self, grammar: Any, prefix: str) -> str | None:
-        """Advances `grammar` over `prefix`; why it cannot, or None."""
-        import llama_cpp
-
-        if not prefix:
-            return None
-        data = prefix.encode("utf-8")
-        n_max = len(data) + 16
-        buf = (llama_cpp.llama_token * n_max)()
-        # as plain text (no special tokens): the grammar sees exactly these characters
-        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, n_max, False, False)
-        tokens = list(buf[:max(n, 0)])
-        piece_buf = ctypes.create_string_buffer(256)  # not _piece_buf: any thread calls this
-        pieces = [self._piece(t, piece_buf) for t in tokens]
-        if n < 0 or b"".join(pieces) != data:
-            return "the resumed text does not tokenize back to itself; cannot continue it " \
-                   "inside the grammar"
-        done = 0
-        for tok, piece in zip(tokens, pieces):
-            if not self._grammar_admits(grammar, tok):
-                return (f"the resumed text is not a start the grammar admits (it departs "
-                        f"near character {len(data[:done].decode('utf-8', 'replace'))})")
-            llama_cpp.llama_sampler_accept(grammar, tok)
-            done += len(piece)
-        return None
-
-    @staticmethod
-    def _grammar_admits(grammar: Any, tok: int) -> bool:
-        import llama_cpp
-
-        one = (llama_cpp.llama_token_data * 1)()
-        one[0].id = tok
-        one[0].logit = 1.0
-        arr = llama_cpp.llama_token_data_array(data=one, size=1, selected=-1, sorted=False)
-        llama_cpp.llama_sampler_apply(grammar, ctypes.byref(arr))
-        return bool(one[0].logit != float("-inf"))
 
     def _make_sampler(self, p: Sampling, prompt: list[int]) -> Any:
         import llama_cpp
@@ -630,46 +579,6 @@ class BatchRunner:
         # the samplers may sort or shrink the array in place: read it back through `arr`
         return int(arr.data[arr.selected].id) if 0 <= arr.selected < arr.size else int(ids[-1])
 
-    def _candidates(self, logits: Any, ids: Any = None) -> tuple[Any, Any]:
-        """Tokens `ids` (default: the whole vocabulary) as candidates, in numpy memory laid
-        out as llama_token_data, and the llama_token_data_array over them."""
-        import llama_cpp
-        import numpy as np
-
-        if ids is None:
-            if self._token_ids is None:
-                assert ctypes.sizeof(llama_cpp.llama_token_data) == 12
-                self._token_ids = np.arange(self._n_vocab, dtype=np.int32)
-            ids = self._token_ids
-        cand = np.empty(len(ids), dtype=[("id", np.int32), ("logit", np.float32),
-                                         ("p", np.float32)])
-        cand["id"] = ids
-        cand["logit"] = logits[ids]
-        cand["p"] = 0.0
-        data = cand.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data))
-        arr = llama_cpp.llama_token_data_array(data=data, size=len(ids), selected=-1,
-                                               sorted=False)
-        return cand, arr
-
-    def _masked(self, grammar: Any, logits: Any, shortlist: int) -> tuple[Any, Any] | None:
-        """Candidates with the grammar's mask applied: the `shortlist` most likely tokens
-        when any of them fits (0: the whole vocabulary), else the whole vocabulary; None
-        when no token fits."""
-        import llama_cpp
-        import numpy as np
-
-        if 0 < shortlist < self._n_vocab:
-            top = np.argpartition(logits, -shortlist)[-shortlist:]
-            cand, arr = self._candidates(logits, top)
-            llama_cpp.llama_sampler_apply(grammar, ctypes.byref(arr))
-            if np.isfinite(cand["logit"][:arr.size]).any():
-                return cand, arr
-        cand, arr = self._candidates(logits)
-        llama_cpp.llama_sampler_apply(grammar, ctypes.byref(arr))
-        if not np.isfinite(cand["logit"][:arr.size]).any():
-            return None
-        return cand, arr
-
     def _sample_in_grammar(self, s: _Sequence) -> int:
         """The next token of `s` that its grammar admits, accepted into grammar and chain;
         -1 when the grammar admits none (not even the end)."""
@@ -688,29 +597,28 @@ class BatchRunner:
         elif p.repeat_penalty == 1.0 and p.top_k > 0:
             tok = self._top_k_pick(s, logits)
         else:
-            cand, arr = self._candidates(logits)
+            _cand, arr = candidates(logits, np.arange(self._n_vocab, dtype=np.int32))
             llama_cpp.llama_sampler_apply(s.sampler, ctypes.byref(arr))
             tok = int(arr.data[arr.selected].id) if 0 <= arr.selected < arr.size else -1
-        if tok < 0 or not self._grammar_admits(s.grammar, tok):
-            # ... and when the grammar refuses it, the grammar masks the candidates first.
-            # Why a shortlist: checking all 262k pieces of Gemma 3 takes 120-200 ms here;
-            # the most likely GRAMMAR_SHORTLIST take about 1 ms. The whole vocabulary is
-            # checked only when none of those fits (or top-k is off: all tokens count).
+        grammar = s.grammar
+        assert grammar is not None
+        if tok < 0 or not grammar.admits(tok):
+            # ... and when the grammar refuses it, the grammar masks the candidates first:
+            # a shortlist, except when top-k is off (then every token counts).
             if p.temperature <= 0.0:  # greedy: the best token that fits is in any shortlist
                 shortlist = GRAMMAR_SHORTLIST
             else:
                 shortlist = max(GRAMMAR_SHORTLIST, p.top_k) if p.top_k > 0 else 0
-            masked = self._masked(s.grammar, logits, shortlist)
+            masked = grammar.mask(logits, shortlist)
             if masked is None:
                 return -1
-            cand, arr = masked
+            _cand, arr = masked  # _cand: the memory under arr, kept alive while arr is used
             llama_cpp.llama_sampler_apply(s.sampler, ctypes.byref(arr))
             tok = int(arr.data[arr.selected].id) if 0 <= arr.selected < arr.size else -1
             # never accept what the grammar refuses (llama.cpp would abort)
-            if tok < 0 or not self._grammar_admits(s.grammar, tok):
+            if tok < 0 or not grammar.admits(tok):
                 return -1
-        if not llama_cpp.llama_vocab_is_eog(self._vocab, tok):
-            llama_cpp.llama_sampler_accept(s.grammar, tok)
+        grammar.accept(tok)
         llama_cpp.llama_sampler_accept(s.sampler, tok)
         return tok
 
@@ -786,8 +694,8 @@ class BatchRunner:
         if s.sampler:
             llama_cpp.llama_sampler_free(s.sampler)
             s.sampler = None
-        if s.grammar:
-            llama_cpp.llama_sampler_free(s.grammar)
+        if s.grammar is not None:
+            s.grammar.free()
             s.grammar = None
         s.req = None
         s.todo = []

@@ -116,7 +116,7 @@ def _normalized(node: Any, path: list[str], depth: int) -> Any:
         alone("type", set())
     if "$ref" in node:
         ref = node["$ref"]
-        if not (ref.startswith("#/$defs/") or ref.startswith("#/definitions/")):
+        if not ref.startswith(("#/$defs/", "#/definitions/")):
             raise GrammarError(f"$ref {ref!r} at {_where(path)} is not supported: only "
                                f"#/$defs/... and #/definitions/... references")
         alone("$ref", {"$defs", "definitions"})

@@ -15,13 +15,12 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from peers.device import DeviceInfo  # noqa: E402
-from peers.identity import load_or_create_identity  # noqa: E402
-from peers import PeerNetwork  # noqa: E402
-from peers.records import CapacityRecord, ModelInfo  # noqa: E402
-from peers.trust import TrustStore  # noqa: E402
-from protocol import (INFER_PROTOCOL, Accepted, Done, FinishReason, Token,  # noqa: E402
-                      encode_frame)
+from peers import PeerNetwork
+from peers.device import DeviceInfo
+from peers.identity import load_or_create_identity
+from peers.records import CapacityRecord, ModelInfo
+from peers.trust import TrustStore
+from protocol import INFER_PROTOCOL, Accepted, Done, FinishReason, Token, encode_frame
 
 TEXT = "not JSON, because the grammar was never read"
 

@@ -19,7 +19,6 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import jsonschema
@@ -28,8 +27,13 @@ import openai
 import pytest
 
 import protocol
-from models.grammar import (JSON_OBJECT_GRAMMAR, MAX_GRAMMAR_CHARS, GrammarError,
-                            check_grammar_text, grammar_for_schema)
+from models.grammar import (
+    JSON_OBJECT_GRAMMAR,
+    MAX_GRAMMAR_CHARS,
+    GrammarError,
+    check_grammar_text,
+    grammar_for_schema,
+)
 from peers.identity import load_or_create_identity
 from peers.trust import TrustStore
 from tests.harness import ALL_ROLES as ALL
