@@ -76,11 +76,13 @@ class PathProbe:
         self.working = False  # pongs are coming: the verdict below means something
         self.pongs = 0
         self._watched: trio.CancelScope | None = None
+        self._alive_deadline: float | None = None
         self.dead = False
 
     def saw_traffic(self) -> None:
         """Any frame from the peer on this path: it is alive now."""
         self.last_alive = self.clock()
+        self.dead = False
 
     @property
     def dead_after_s(self) -> float:
@@ -91,20 +93,28 @@ class PathProbe:
         return self.clock() - self.last_alive
 
     @contextlib.contextmanager
-    def guarding(self, scope: trio.CancelScope):
+    def guarding(self, scope: trio.CancelScope, alive_deadline: float | None = None):
         """While inside, a dead path cancels `scope` (the caller's wait for a frame);
-        the caller then reads `dead`."""
-        self._watched = scope
+        the caller then reads `dead`. While the path answers, `scope`'s deadline is
+        pushed to `alive_deadline` (trio time), if later: silent but reachable is
+        slow, and gets longer."""
+        self._watched, self._alive_deadline = scope, alive_deadline
+        self._judge()
         try:
             yield
         finally:
-            self._watched = None
+            self._watched = self._alive_deadline = None
 
     def _judge(self) -> None:
         if self.working and not self.dead and self.silent_for() > self.dead_after_s:
             self.dead = True
-        if self.dead and self._watched is not None:
-            self._watched.cancel()
+        scope = self._watched
+        if scope is None:
+            return
+        if self.dead:
+            scope.cancel()
+        elif self.working and self._alive_deadline is not None:
+            scope.deadline = max(scope.deadline, self._alive_deadline)
 
     async def run(self, swarm: INetwork, stream: INetStream) -> None:
         """Ping until cancelled. Never raises for a broken or refused ping stream."""

@@ -58,6 +58,9 @@ STALL_TIMEOUT_S = 5.0  # silence between frames after acceptance counts as a fai
 # for this many times its slowest gap so far: slow is not dead (the lab saw 2-4 s gaps).
 STALL_GAP_FACTOR = 4.0
 STALL_TIMEOUT_MAX_S = 30.0
+# ... and while its path answers pings (peers/_liveness.py): alive, so slow (a long
+# prefill beside other clients' prompts was silent 5+ s in the lab), not yet hung
+STALL_ALIVE_S = 20.0
 DEFAULT_DEADLINE_MS = 10 * 60 * 1000
 
 
@@ -409,24 +412,29 @@ class RemoteInference:
                        emitted: list[str], probe: Any) -> Done:
         """`_stream`'s loop. A path that stops answering pings fails within about a
         second (`probe.dead`: a cut link); a silent provider whose path still answers is
-        slow, not dead, and gets the stall limit."""
+        slow, not dead: it gets STALL_ALIVE_S (or the longer stall limit) before it
+        counts as hung. Without answered pings (an old or odd peer) the stall limit
+        alone decides, as before."""
         peer, io, state = attempt.peer, attempt.io, attempt.state
         slowest, last = 0.0, time.monotonic()
         while True:
             limit = min(max(self.stall_timeout, STALL_GAP_FACTOR * slowest),
                         max(self.stall_timeout, STALL_TIMEOUT_MAX_S))
-            with trio.move_on_after(limit) as waited, probe.guarding(waited):
+            now_t = trio.current_time()
+            waited = trio.CancelScope(deadline=now_t + limit)
+            with waited, probe.guarding(waited, now_t + max(limit, STALL_ALIVE_S)):
                 try:
                     msg = await io.recv()
                 except StreamGone as e:
                     raise PeerFailed(peer, f"connection lost: {e}") from e
                 except ProtocolError as e:
                     raise PeerFailed(peer, f"sent garbage: {e}", misbehaved=True) from e
-            if probe.dead:
+            if waited.cancelled_caught and probe.dead:
                 raise PeerFailed(peer, f"path lost: no answer to pings for"
                                        f" {probe.silent_for():.1f}s")
             if waited.cancelled_caught:
-                raise PeerFailed(peer, f"stalled for {limit:.0f}s", misbehaved=True)
+                raise PeerFailed(peer, f"stalled for {time.monotonic() - last:.0f}s",
+                                 misbehaved=True)
             probe.saw_traffic()
             now = time.monotonic()
             slowest, last = max(slowest, now - last), now

@@ -395,9 +395,17 @@ class Lab:
                         have = await a.verified_peers()
                     except (httpx.HTTPError, ValueError):
                         have = set()
-                    missing = [b.name for b in nodes if b is not a and b.peer_id not in have]
+                    missing = [b for b in nodes if b is not a and b.peer_id not in have]
                     if missing:
-                        lacking[a.name] = missing
+                        lacking[a.name] = [b.name for b in missing]
+                        try:  # what `a` says of them, for the error below
+                            seen = {p["peer_id"]: p for p in await a.peers()}
+                            lacking[a.name] = [
+                                f"{b.name} ({_peer_state(seen.get(b.peer_id))})"
+                                for b in missing]
+                        except (httpx.HTTPError, ValueError) as e:
+                            lacking[a.name] = [f"{b.name} (API: {type(e).__name__})"
+                                               for b in missing]
                         break
                 if not lacking:
                     return time.monotonic() - t0
@@ -411,3 +419,11 @@ class Lab:
         """Synchronous and idempotent: kill every process group, remove the LAN."""
         self.registry.kill_all()
         self.lan.down()
+
+
+def _peer_state(p: dict | None) -> str:
+    if p is None:
+        return "unknown to it"
+    return (f"connected {p.get('connected')}, verified {p.get('verified_age_s')} s ago,"
+            f" failures {p.get('failures')}, backoff {p.get('backoff_s')} s,"
+            f" last error {str(p.get('last_error', ''))[:80]!r}")

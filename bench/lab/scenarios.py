@@ -359,14 +359,16 @@ async def _failover_once(lab: Lab, opt: Options, res: Result, mode: str) -> None
 
 
 async def failover(lab: Lab, opt: Options, res: Result) -> None:
-    """Mid-stream (after 20 tokens) the serving node is SIGKILLed; then, separately, its
-    link is cut. PASS: the client's stream completes, served by victim then another
-    node, its text the same as an uninterrupted greedy run, and the next token arrives
+    """Mid-stream (after 20 tokens) the serving node is overloaded; then, separately,
+    SIGKILLed; then its link is cut. PASS: the client's stream completes, served by the
+    victim then another node, its text the same as an uninterrupted greedy run, and the next token arrives
     within 5 s of a kill, or within 2 s of a cut (the consumer pings the path while it
-    streams, and a cut path stops answering). Then the serving node is overloaded
-    mid-stream (long prompts from other clients, prefilled beside ours): slow, not dead,
-    so the same node must finish the answer (its longest silence is in the table)."""
-    for mode in ("kill", "cut", "overload"):
+    streams, and a cut path stops answering). Overloaded (long prompts from other
+    clients, prefilled beside ours) is slow, not dead: the same node must finish the
+    answer (its longest silence is in the table)."""
+    # overload first: it needs the full mesh, which a node killed or cut a moment ago may
+    # not have rejoined yet (peers back off a node that just failed them)
+    for mode in ("overload", "kill", "cut"):
         await ensure_mesh(lab)
         await _failover_once(lab, opt, res, mode)
         # the killed node comes back for the next part; the cut one is up again
