@@ -65,6 +65,15 @@ def test_tool_choice_modes():
     assert "get_weather" not in named.grammar
 
 
+def test_a_forced_call_and_a_response_format_do_not_mix():
+    forced = _setup(tools=[WEATHER], tool_choice="required")
+    assert forced.grammar_with(None) == forced.grammar
+    assert _setup(tools=[WEATHER]).grammar_with("root ::= x") == "root ::= x"
+    with pytest.raises(ToolError) as ei:
+        forced.grammar_with("root ::= x")
+    assert ei.value.param == "tool_choice" and "response_format" in ei.value.message
+
+
 @pytest.mark.parametrize("body,param,words", [
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
      "tool_choice", "not in tools"),
