@@ -366,10 +366,11 @@ async def failover(lab: Lab, opt: Options, res: Result) -> None:
     streams, and a cut path stops answering). Overloaded (long prompts from other
     clients, prefilled beside ours) is slow, not dead: the same node must finish the
     answer (its longest silence is in the table)."""
-    # overload first: it needs the full mesh, which a node killed or cut a moment ago may
-    # not have rejoined yet (peers back off a node that just failed them)
-    for mode in ("overload", "kill", "cut"):
-        await ensure_mesh(lab)
+    # why restart all between cases: a node killed or cut a moment ago is backed off by
+    # the consumer, and in this lab the consumer's records of quiet peers went stale
+    # after a case (no refresh fetch for 90 s; seen 3 times, cause not found yet)
+    for k, mode in enumerate(("overload", "kill", "cut")):
+        await ensure_mesh(lab, fresh=k > 0)
         await _failover_once(lab, opt, res, mode)
         # the killed node comes back for the next part; the cut one is up again
         for node in lab.nodes:
