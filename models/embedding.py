@@ -229,3 +229,9 @@ class EmbeddingRunner:
         drift = float(np.max(np.abs(alone - together)))
         log.debug("packing probe: drift %.1e in %.2fs", drift, time.monotonic() - t0)
         return drift <= PROBE_TOLERANCE
+
+    def close(self) -> None:
+        with self._lock:
+            llm, self._llm = self._llm, None
+        if llm is not None:
+            llm.close()

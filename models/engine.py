@@ -33,10 +33,10 @@ from typing import Any
 import trio
 
 from .batch_runner import BatchRunner, Sampling, SequenceOutcome, SequenceRequest
-from .grammar import GrammarError
 from .chat import render_chat
 from .embedding import EmbeddingResult, EmbeddingRunner, InputTooLong, pooling_for
 from .gguf import GGUFInfo
+from .grammar import GrammarError
 from .store import ModelEntry, ModelStore
 
 log = logging.getLogger("qvacd.models.engine")
@@ -245,15 +245,19 @@ class Engine:
     def expires_at(self, entry: ModelEntry) -> float | None:
         """Unix time at which an idle loaded model will be unloaded; None: not planned."""
         m = self._models.get(entry.sha256)
-        if m is None or m.runner is None or m.keep_alive is None:
+        embedder = self._embedders.get(entry.sha256)
+        if m is None or (m.runner is None and embedder is None) or m.keep_alive is None:
             return None
-        idle_for = 0.0 if (m.active or m.waiting) else time.monotonic() - m.last_used
+        last_used = max(m.last_used if m.runner is not None else 0.0,
+                        embedder.last_used if embedder is not None else 0.0)
+        idle_for = 0.0 if (m.active or m.waiting) else time.monotonic() - last_used
         return time.time() + max(0.0, m.keep_alive - idle_for)
 
     def unload(self, entry: ModelEntry) -> bool:
         """Unload now if idle (True); a model in use is unloaded when its last request
         ends (False)."""
-        self._drop_embedder(entry.sha256)  # an embedding context goes with its model
+        if self._drop_embedder(entry.sha256):  # an embedding context goes with its model
+            log.info("unloading %s for embeddings (unload asked)", entry.name)
         m = self._models.get(entry.sha256)
         if m is None or m.runner is None:
             return True
@@ -274,6 +278,13 @@ class Engine:
                 m.runner = None
                 done += 1
                 self.on_change()
+        for sha, runner in list(self._embedders.items()):  # embedding contexts likewise
+            m = self._models.get(sha)
+            if (only is None or sha == only) and m is not None and m.keep_alive is not None \
+                    and now - runner.last_used >= m.keep_alive and self._drop_embedder(sha):
+                log.info("unloading %s for embeddings (keep_alive %.0fs passed)",
+                         m.entry.name, m.keep_alive)
+                done += 1
         return done
 
     # ---- what we can run --------------------------------------------------------------
@@ -699,6 +710,21 @@ class Engine:
                 raise EngineError(BAD_REQUEST, str(e)) from e
             except (RuntimeError, ValueError) as e:
                 raise EngineError(INTERNAL, f"embedding with {entry.name} failed: {e}") from e
+            finally:  # the model's keep_alive counts from here (0: drop it now)
+                runner.last_used = time.monotonic()
+                self._unload_expired_soon(entry.sha256)
+
+    def _unload_expired_soon(self, sha: str) -> None:
+        """After the embed lock is released (it is held while this runs)."""
+        if self._nursery is not None:
+            self._nursery.start_soon(self._unload_after_lock, sha)
+
+    async def _unload_after_lock(self, sha: str) -> None:
+        lock = self._embed_locks.get(sha)
+        if lock is not None:
+            async with lock:
+                pass
+        self._unload_expired(only=sha)
 
     async def _load_embedder(self, entry: ModelEntry) -> EmbeddingRunner:
         info = self.store.info(entry)

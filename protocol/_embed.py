@@ -39,6 +39,7 @@ from ._state import StreamState
 __all__ = [
     "EMBED_LIMITS",
     "EMBED_PROTOCOL",
+    "MAX_EMBED_ANSWER_BYTES",
     "MAX_EMBED_DIMS",
     "MAX_EMBED_INPUTS",
     "MAX_EMBED_INPUT_BYTES",
@@ -57,6 +58,9 @@ MAX_EMBED_INPUTS = 2048  # texts per request (OpenAI's own limit)
 MAX_EMBED_INPUT_BYTES = 4 * MiB  # UTF-8 bytes of all inputs together
 MAX_EMBED_DIMS = 65536  # floats per vector
 MAX_EMBED_PIECE = 1 * MiB  # vector bytes in one EmbedVectors frame
+# Vector bytes of one whole answer: 2048 vectors of 8192 floats. Bounds what a consumer
+# holds for one request whatever a provider claims (MAX_EMBED_DIMS alone would allow 512 MiB).
+MAX_EMBED_ANSWER_BYTES = 64 * MiB
 DEFAULT_EMBED_DEADLINE_MS = 120_000
 
 # A request holds up to MAX_EMBED_INPUT_BYTES of text plus a few bytes of msgpack per
@@ -150,7 +154,8 @@ class EmbedClientState:
 
     Legal: EmbedVectors* EmbedDone, or an Error first or between vectors. Vectors come in
     order (each run's `first` is the count so far), all of one `dims`, no more than were
-    asked for, and EmbedDone's count is exactly the number of inputs. Anything else is a
+    asked for nor than MAX_EMBED_ANSWER_BYTES in all, and EmbedDone's count is exactly the
+    number of inputs. Anything else is a
     ProtocolError(PROTOCOL): the provider is treated as broken.
     """
 
@@ -183,6 +188,9 @@ class EmbedClientState:
                 raise self._broken(f"vectors of {msg.dims} floats after {self.dims}")
             if self.received + msg.count > self.expected:
                 raise self._broken(f"more than the {self.expected} vectors asked for")
+            if (self.received + msg.count) * msg.dims * 4 > MAX_EMBED_ANSWER_BYTES:
+                raise self._broken(f"vectors past the {MAX_EMBED_ANSWER_BYTES}-byte answer"
+                                   " limit")
             self.dims = msg.dims
             self.received += msg.count
             self.state = StreamState.STREAMING

@@ -300,3 +300,41 @@ def _check_options(options: Any) -> Refusal | None:
     if not isinstance(options, dict):
         return None  # ollama_request says it must be an object
     return _check_fields(options, _OPTIONS_HONOURED, OLLAMA_OPTIONS, where="options.")
+
+
+# ---- embeddings (qvacd/embeddings_api.py) ------------------------------------------
+
+# Fields the embedding routes read; `dimensions` is read too, and refused unless null.
+_EMBED_HONOURED = {"model", "input", "dimensions"}
+OPENAI_EMBEDDINGS: dict[str, Check] = {
+    "encoding_format": _HARMLESS,  # honoured (float or base64)
+    "user": _HARMLESS,  # an end-user id, for the provider's abuse tracking
+}
+_OLLAMA_EMBED: dict[str, Check] = {
+    "truncate": _HARMLESS, "keep_alive": _HARMLESS, "options": _HARMLESS,  # honoured
+    "local_only": _HARMLESS,  # honoured
+}
+# An embedding samples nothing, so sampling options change no vector; the context size
+# would (it decides where truncate cuts), and it is the node's --ctx-size.
+_EMBED_OPTIONS: dict[str, Check] = {
+    **{name: _HARMLESS for name in _RUNTIME_OPTIONS},
+    **{name: _HARMLESS for name in ("temperature", "top_k", "top_p", "min_p", "seed", "stop",
+                                    "num_predict", "repeat_penalty", "repeat_last_n",
+                                    "presence_penalty", "frequency_penalty", "typical_p",
+                                    "mirostat", "mirostat_eta", "mirostat_tau", "tfs_z",
+                                    "num_keep", "penalize_newline")},
+    "num_ctx": _absent("the embedding context is this node's --ctx-size; leave num_ctx out"),
+}
+
+
+def openai_embeddings(body: dict[str, Any]) -> Refusal | None:
+    return _check_fields(body, _EMBED_HONOURED, OPENAI_EMBEDDINGS)
+
+
+def ollama_embed(body: dict[str, Any], *, text_field: str = "input") -> Refusal | None:
+    """/api/embed (`input`) and the older /api/embeddings (`prompt`)."""
+    honoured = {"model", "dimensions", text_field}
+    options = body.get("options")
+    return (_check_fields(body, honoured, _OLLAMA_EMBED, hint=_ollama_hint)
+            or (_check_fields(options, {"local_only"}, _EMBED_OPTIONS, where="options.")
+                if isinstance(options, dict) else None))

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from .local_engine import LocalEngine
     from .metrics import Metrics
     from .pull_api import ModelPuller
+    from .remote_embed import RemoteEmbedder
     from .router import Router
 
 
@@ -39,6 +40,11 @@ class ServedNode(Protocol):
     @property
     def puller(self) -> ModelPuller | None:
         """None on a node without the P2P side (--no-p2p)."""
+        ...
+
+    @property
+    def remote_embed(self) -> RemoteEmbedder | None:
+        """Embeddings from peers; None on a node without the P2P side (--no-p2p)."""
         ...
 
     @property

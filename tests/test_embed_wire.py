@@ -122,6 +122,15 @@ def test_consumer_state_legal_answers() -> None:
     assert info.value.code is ErrorCode.UNAVAILABLE and "1 of 2 vectors" in info.value.message
 
 
+def test_answer_bytes_are_bounded_whatever_the_dims() -> None:
+    state = EmbedClientState(2048)
+    piece = EmbedVectors(first=0, dims=65536, data=b"\0" * MAX_EMBED_PIECE)  # 4 vectors
+    for i in range(64):  # 64 MiB: the limit
+        state.receive(EmbedVectors(first=4 * i, dims=65536, data=piece.data))
+    with pytest.raises(ProtocolError, match="answer limit"):
+        state.receive(EmbedVectors(first=256, dims=65536, data=piece.data))
+
+
 def test_request_bounds() -> None:
     with pytest.raises(ProtocolError) as info:
         EmbedRequest(model="m", inputs=("x",) * 2049, deadline_ms=1)

@@ -51,8 +51,8 @@ def test_openai_list_equals_alone_and_base64(oai):
              .data[0].embedding for t in TEXTS]
     both = oai.embeddings.create(model=MODEL, input=TEXTS, encoding_format="float")
     assert [d.index for d in both.data] == [0, 1]
-    for a, b in zip(alone, both.data):
-        assert max_diff(a, b.embedding) < 1e-4
+    for a, b in zip(alone, both.data):  # packed in one decode, yet the same vectors
+        assert max_diff(a, b.embedding) < 1e-6
     cos = float(np.dot(alone[0], alone[1]))
     assert cos < 0.99, f"different texts gave near-identical vectors (cosine {cos})"
     # the client's default is base64 (float32), decoded by the client itself
@@ -68,6 +68,16 @@ def test_openai_batch_of_16(oai):
     vecs = [d.embedding for d in r.data]
     assert all(len(v) == N_EMBD and abs(norm(v) - 1) < 1e-4 for v in vecs)
     assert len({tuple(round(x, 5) for x in v) for v in vecs}) == 16
+    # Decoded together (models/embedding.py packs them), each is its vector alone; and a
+    # repeat of the same text in the batch is cosine 1 with it.
+    for i in (0, 5, 15):
+        alone = oai.embeddings.create(model=MODEL, input=texts[i], encoding_format="float")
+        assert max_diff(alone.data[0].embedding, vecs[i]) < 1e-6, i
+    again = oai.embeddings.create(model=MODEL, input=[texts[3], "other", texts[3]],
+                                  encoding_format="float")
+    cos = float(np.dot(again.data[0].embedding, again.data[2].embedding))
+    assert abs(cos - 1.0) < 1e-6 and float(np.dot(again.data[0].embedding,
+                                                   again.data[1].embedding)) < 0.99
 
 
 def test_ollama_embed_and_embeddings(oll, oai):
@@ -101,6 +111,11 @@ def test_refusals(shared_daemon, oai):
     one_line_400(httpx.post(f"{api}/v1/embeddings",
                             json={"model": MODEL, "input": "x", "encoding_format": "int8"}),
                  "encoding_format")
+    one_line_400(httpx.post(f"{api}/v1/embeddings",
+                            json={"model": MODEL, "input": "x", "temprature": 1}),
+                 "unknown field 'temprature'")
+    one_line_400(httpx.post(f"{api}/api/embed",
+                            json={"model": MODEL, "input": "x", "dimensions": 8}), "dimensions")
     r = httpx.post(f"{api}/api/embed", json={"model": "nope", "input": "x"})
     assert r.status_code == 404 and "nope" in r.json()["error"]
 
