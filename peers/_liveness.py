@@ -47,6 +47,7 @@ PING_INTERVAL_S = 0.25
 LIVENESS_S = 1.0  # a path silent this long (no pong, no frame) is dead ...
 LIVENESS_RTT_FACTOR = 4.0  # ... or this many of its round trips, on a slow path
 OPEN_TIMEOUT_S = 5.0
+PROBE_START_S = 0.25  # pings start this long after the stream is accepted
 
 PING_RATE_PER_S = 8.0  # pings answered per peer, sustained (a probe sends 4/s)
 PING_BURST = 16
@@ -116,8 +117,12 @@ class PathProbe:
         elif self.working and self._alive_deadline is not None:
             scope.deadline = max(scope.deadline, self._alive_deadline)
 
-    async def run(self, swarm: INetwork, stream: INetStream) -> None:
+    async def run(self, swarm: INetwork, stream: INetStream, start_after: float = 0.0) -> None:
         """Ping until cancelled. Never raises for a broken or refused ping stream."""
+        # why wait: opening the ping stream costs both ends some CPU, which the first
+        # token should not wait behind (the stall limit covers the first moments)
+        await trio.sleep(start_after)
+        self.last_alive = self.clock()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch)
             await self._ping(swarm, stream)
@@ -168,12 +173,14 @@ class PathProbe:
 
 
 @contextlib.asynccontextmanager
-async def watch_path(swarm: INetwork, stream: INetStream) -> AsyncIterator[PathProbe]:
-    """A PathProbe pinging the connection of `stream` while the body runs."""
+async def watch_path(swarm: INetwork, stream: INetStream,
+                     start_after: float = PROBE_START_S) -> AsyncIterator[PathProbe]:
+    """A PathProbe pinging the connection of `stream` while the body runs, from
+    `start_after` seconds on."""
     probe = PathProbe()
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(probe.run, swarm, stream)
+            nursery.start_soon(probe.run, swarm, stream, start_after)
             try:
                 yield probe
             finally:
