@@ -5,6 +5,17 @@ trio, and no imports from the rest of qvacd. The wire itself is specified in
 docs/protocol.md. Everything public is re-exported here; the `_modules` are private.
 """
 
+from ._embed import (
+    EMBED_LIMITS,
+    EMBED_PROTOCOL,
+    MAX_EMBED_INPUT_BYTES,
+    MAX_EMBED_INPUTS,
+    MAX_EMBED_PIECE,
+    EmbedClientState,
+    EmbedDone,
+    EmbedRequest,
+    EmbedVectors,
+)
 from ._errors import ErrorCode, ProtocolError
 from ._framing import FrameDecoder, decode_frame, encode_frame, encode_varint
 from ._limits import (
@@ -52,8 +63,13 @@ from ._state import ChunkClientState, InferClientState, StreamState
 __all__ = [
     "CAPACITY_PROTOCOL",
     "DEFAULT_LIMITS",
+    "EMBED_LIMITS",
+    "EMBED_PROTOCOL",
     "INFER_PROTOCOL",
     "MAX_CHUNK_PIECE",
+    "MAX_EMBED_INPUTS",
+    "MAX_EMBED_INPUT_BYTES",
+    "MAX_EMBED_PIECE",
     "MAX_GRAMMAR_LEN",
     "MAX_FRAME_SIZE",
     "MAX_MANIFEST_SIZE",
@@ -73,6 +89,10 @@ __all__ = [
     "ChunkData",
     "ChunkRequest",
     "Done",
+    "EmbedClientState",
+    "EmbedDone",
+    "EmbedRequest",
+    "EmbedVectors",
     "Error",
     "ErrorCode",
     "FinishReason",

@@ -651,9 +651,27 @@ def limits_for(protocol_id: str) -> Limits:
         return SHARD_LIMITS
     if protocol_id == PAIR_PROTOCOL:
         return PAIR_LIMITS
+    if protocol_id in _REGISTERED_LIMITS:
+        return _REGISTERED_LIMITS[protocol_id]
     if protocol_id in PROTOCOL_MESSAGES:
         return DEFAULT_LIMITS
     raise ValueError(f"unknown protocol id {protocol_id!r}")
+
+
+_REGISTERED_LIMITS: dict[str, Limits] = {}
+
+
+def register_protocol(protocol_id: str, messages: tuple[type[_Message], ...],
+                      limits: Limits) -> None:
+    """Add a protocol whose messages live in a module of their own (protocol/_embed.py):
+    that module imports this one for the base class and checks, so this one cannot import
+    it back; it registers its tags here, at import, for parse_message and limits_for."""
+    for cls in messages:
+        if cls.tag in MESSAGE_TYPES:
+            raise ValueError(f"message tag {cls.tag!r} is taken")
+        MESSAGE_TYPES[cls.tag] = cls  # type: ignore[index]
+    PROTOCOL_MESSAGES[protocol_id] = frozenset({*messages, Error})  # type: ignore[index]
+    _REGISTERED_LIMITS[protocol_id] = limits
 
 
 def parse_message(wire: object) -> Message:

@@ -33,7 +33,10 @@ if TYPE_CHECKING:
     from peers.records import CapacityRecord
 
     from .pairing import PairingService
+    from .delegation import RemoteInference
     from .pull import Puller
+    from .remote_embed import RemoteEmbedder
+    from .services.infer import PeerQuota
 
 log = logging.getLogger("qvacd.node")
 
@@ -80,6 +83,7 @@ class Node:
         self.device: DeviceInfo | None = None
         self.puller: Puller | None = None  # with the network
         self.pairing: PairingService | None = None  # with the network
+        self.remote_embed: RemoteEmbedder | None = None  # embeddings from peers
         if config.p2p:
             self._init_network()
 
@@ -129,8 +133,24 @@ class Node:
         self.puller = Puller(self.store, self.network, self.trust,
                              registry=self.metrics.registry)
         self.router.remote = RemoteInference(self.node_id, self.network, metrics=self.metrics)
+        self._init_embeddings(self.network, self.router.remote, self.infer_service.quota)
         self._init_pairing(self.network)
         self.engine.on_change = self.network.capacity_changed
+
+    def _init_embeddings(self, network: PeerNetwork, remote: RemoteInference,
+                         quota: PeerQuota) -> None:
+        """/qvac/embed/1.0.0 both ways. Who may ask: the generation rule (`consumer`
+        role or --public-donor), sharing the per-peer stream limit of /qvac/infer."""
+        from protocol import EMBED_PROTOCOL
+
+        from .remote_embed import RemoteEmbedder
+        from .services.embed import EmbedService
+
+        self.embed_service = EmbedService(self.engine, is_authorized=self._may_consume,
+                                          quota=quota, metrics=self.metrics)
+        self.embed_service.on_offence = network.offence
+        network.set_stream_handler(EMBED_PROTOCOL, self.embed_service.handle)
+        self.remote_embed = RemoteEmbedder(network, remote, metrics=self.metrics)
 
     def _init_pairing(self, network: PeerNetwork) -> None:
         from protocol import PAIR_PROTOCOL

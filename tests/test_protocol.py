@@ -94,6 +94,9 @@ EXAMPLES: list[protocol.Message] = [
     PairConfirm(confirm=b"\x04" * 32),
     PairDone(roles=("seeder",)),
     PairDone(roles=("consumer",), certificate="qvac-cert-1:opaque"),
+    protocol.EmbedRequest(model="m", inputs=("a", "b"), deadline_ms=1000),
+    protocol.EmbedVectors(first=0, dims=1, data=b"\x00\x00\x80\x3f"),
+    protocol.EmbedDone(count=1, prompt_tokens=3),
 ]
 
 
@@ -285,6 +288,9 @@ SCHEMA: dict[str, dict[str, str]] = {
     "pairs": {"pake": "bin", "roles": "array", "confirm": "bin"},
     "pairc": {"confirm": "bin"},
     "paird": {"roles": "array", "certificate": "str?"},
+    "embq": {"model": "str", "inputs": "array", "truncate": "bool?", "deadline_ms": "int"},
+    "embv": {"first": "int", "dims": "int", "data": "bin"},
+    "embd": {"count": "int", "prompt_tokens": "int"},
 }
 SAMPLES = {"str": "x", "int": 1, "float": 0.5, "bin": b"x", "bool": True, "array": ["x"],
            "map": {"x": 1}}
