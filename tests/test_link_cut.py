@@ -30,9 +30,9 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.lab.nat import NsNode  # noqa: E402
-from peers.trust import TrustStore  # noqa: E402
-from tests.harness import clone_data_dir, namespaces  # noqa: E402
+from bench.lab.nat import NsNode
+from peers.trust import TrustStore
+from tests.harness import clone_data_dir, namespaces
 
 MODEL = "gemma3-270m"
 CUT_BOUND_S = 2.0
