@@ -102,6 +102,9 @@ class GGUFInfo:
     tensor_bytes: int
     file_size: int
     metadata: dict[str, Any] = field(repr=False, compare=False)
+    # bytes of the repeating blocks' tensors (blk.N.*): what a split moves layer by layer;
+    # the rest (embeddings, output) stays on the head
+    block_tensor_bytes: int = 0
 
     def kv_cache_bytes(self, n_ctx: int) -> int:
         """f16 K and V for every layer at n_ctx tokens (llama.cpp's default cache type)."""
@@ -232,9 +235,10 @@ def read_gguf(path: str | Path) -> GGUFInfo:
             key = r.string()
             meta[key] = r.value(r.u32())
         tensors: list[tuple[int, int, int]] = []  # (offset, elements, type)
+        in_block: list[bool] = []  # blk.N.* tensors
         n_params = 0
         for _ in range(n_tensors):
-            r.string()
+            in_block.append(r.string().startswith("blk."))
             n_dims = r.u32()
             if n_dims > _MAX_DIMS:
                 raise GGUFError(f"{path}: corrupt GGUF tensor info ({n_dims} dimensions)")
@@ -250,12 +254,15 @@ def read_gguf(path: str | Path) -> GGUFInfo:
     alignment = int(meta.get("general.alignment", DEFAULT_ALIGNMENT) or DEFAULT_ALIGNMENT)
     data_start = -(-header_end // alignment) * alignment
     data_end = data_start
-    for offset, elements, ttype in tensors:
+    block_bytes = 0
+    for (offset, elements, ttype), is_block in zip(tensors, in_block, strict=True):
         block = _GGML_BLOCKS.get(ttype)
         if block is None:
             continue  # unknown quant type: cannot size it, llama.cpp will judge at load
         per, nbytes = block
         data_end = max(data_end, data_start + offset + -(-elements // per) * nbytes)
+        if is_block:
+            block_bytes += -(-elements // per) * nbytes
     if data_end > file_size:
         raise GGUFError(
             f"{path}: truncated GGUF (tensor data needs {data_end} bytes, file has {file_size});"
@@ -294,4 +301,5 @@ def read_gguf(path: str | Path) -> GGUFInfo:
         tensor_bytes=data_end - data_start,
         file_size=file_size,
         metadata={k: v for k, v in meta.items() if not isinstance(v, _ArrayLen)},
+        block_tensor_bytes=block_bytes,
     )

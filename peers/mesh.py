@@ -48,6 +48,7 @@ from peers.identity import (
     write_new_private_file,
 )
 from peers.trust import (
+    BASE_ROLES,
     ROLES,
     StatSig,
     atomic_write_json,
@@ -353,7 +354,7 @@ class MeshStore:
             )
             self._save(state)
         if self.own_peer_id is not None:
-            text = self.invite(self.own_peer_id, ROLES, days, now=now)
+            text = self.invite(self.own_peer_id, BASE_ROLES, days, now=now)
             self._set_own_certificate(text)
         return owner
 

@@ -108,6 +108,9 @@ class CapacityRecord:
     roles: tuple[str, ...] = ()  # what this node offers: "provider", "seeder", ...
     certificates: tuple[str, ...] = ()  # mesh certificates it holds
     version: str = ""  # software version
+    # Memory this node offers for layers of split models (qvacd/services/layers.py), free
+    # now; optional on the wire (absent from older nodes: read as 0, offers none).
+    layers_memory: int = 0
 
     @classmethod
     def issue(
@@ -176,6 +179,7 @@ def _encode_body(r: CapacityRecord) -> bytes:
             "roles": list(r.roles),
             "certificates": list(r.certificates),
             "version": r.version,
+            **({"layers_memory": r.layers_memory} if r.layers_memory else {}),
         },
         use_bin_type=True,
     )
@@ -305,6 +309,7 @@ def _decode_body(body: bytes) -> CapacityRecord:
         roles=roles,
         certificates=_str_list(m, "certificates", MAX_CERTIFICATES, MAX_CERT_LEN),
         version=_str(m, "version", MAX_VERSION_LEN),
+        layers_memory=_get(m, "layers_memory", int) if "layers_memory" in m else 0,
     )
     if rec.expires_at <= rec.issued_at:
         raise _Malformed("expires_at is not after issued_at")

@@ -4,6 +4,8 @@ Roles (what a peer may do with *us*):
     consumer  may send us inference requests
     provider  we may send our prompts to it
     seeder    may fetch model shards from us
+    layers    may place layers of a split model in our memory and run them here
+              (llama.cpp RPC over /qvac/layers/1.0.0; never granted by default)
 
 trust.json (written atomically, mode 0600):
 
@@ -35,7 +37,10 @@ from libp2p.peer.id import ID
 log = logging.getLogger(__name__)
 
 TRUST_FILE = "trust.json"
-ROLES = ("consumer", "provider", "seeder")
+ROLES = ("consumer", "provider", "seeder", "layers")
+# What a mesh owner's own certificate grants its device (nodes before "layers" existed
+# refuse a certificate naming a role they do not know, so that one is granted explicitly).
+BASE_ROLES = ("consumer", "provider", "seeder")
 _VERSION = 1
 _MAX_NOTE = 200
 _MAX_TRUST_FILE = 4 * 1024 * 1024

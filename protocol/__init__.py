@@ -18,6 +18,13 @@ from ._embed import (
 )
 from ._errors import ErrorCode, ProtocolError
 from ._framing import FrameDecoder, decode_frame, encode_frame, encode_varint
+from ._layers import (
+    LAYERS_LIMITS,
+    RPC_CMD_COUNT,
+    RPC_CMD_HELLO,
+    RPC_HELLO_SIZE,
+    RpcCommandGuard,
+)
 from ._limits import (
     DEFAULT_LIMITS,
     MAX_CHUNK_PIECE,
@@ -32,6 +39,7 @@ from ._limits import (
 from ._messages import (
     CAPACITY_PROTOCOL,
     INFER_PROTOCOL,
+    LAYERS_PROTOCOL,
     MAX_GRAMMAR_LEN,
     MESSAGE_TYPES,
     PAIR_PROTOCOL,
@@ -47,6 +55,8 @@ from ._messages import (
     Error,
     FinishReason,
     InferRequest,
+    LayersHello,
+    LayersReady,
     ManifestRequest,
     ManifestResponse,
     Message,
@@ -66,6 +76,8 @@ __all__ = [
     "EMBED_LIMITS",
     "EMBED_PROTOCOL",
     "INFER_PROTOCOL",
+    "LAYERS_LIMITS",
+    "LAYERS_PROTOCOL",
     "MAX_CHUNK_PIECE",
     "MAX_EMBED_INPUTS",
     "MAX_EMBED_INPUT_BYTES",
@@ -99,6 +111,8 @@ __all__ = [
     "FrameDecoder",
     "InferClientState",
     "InferRequest",
+    "LayersHello",
+    "LayersReady",
     "Limits",
     "ManifestRequest",
     "ManifestResponse",
@@ -108,6 +122,10 @@ __all__ = [
     "PairReply",
     "PairStart",
     "ProtocolError",
+    "RPC_CMD_COUNT",
+    "RPC_CMD_HELLO",
+    "RPC_HELLO_SIZE",
+    "RpcCommandGuard",
     "StreamState",
     "Token",
     "decode_frame",

@@ -35,6 +35,7 @@ from ._limits import (
 __all__ = [
     "CAPACITY_PROTOCOL",
     "INFER_PROTOCOL",
+    "LAYERS_PROTOCOL",
     "MAX_GRAMMAR_LEN",
     "MESSAGE_TYPES",
     "PAIR_PROTOCOL",
@@ -50,6 +51,8 @@ __all__ = [
     "Error",
     "FinishReason",
     "InferRequest",
+    "LayersHello",
+    "LayersReady",
     "ManifestRequest",
     "ManifestResponse",
     "Message",
@@ -66,6 +69,7 @@ INFER_PROTOCOL = "/qvac/infer/1.0.0"
 CAPACITY_PROTOCOL = "/qvac/capacity/1.0.0"
 SHARD_PROTOCOL = "/qvac/shard/1.0.0"
 PAIR_PROTOCOL = "/qvac/pair/1.0.0"
+LAYERS_PROTOCOL = "/qvac/layers/1.0.0"
 
 # Value bounds. Generous, but finite: every number a peer sends is checked.
 U32_MAX = 2**32 - 1
@@ -595,6 +599,61 @@ def _check_mac(where: str, value: object) -> bytes:
     return mac
 
 
+# /qvac/layers/1.0.0 ----------------------------------------------------------------------
+#
+# A split model's head asks a worker to hold some of its layers. The two frames below open
+# the stream; after LayersReady the stream carries llama.cpp RPC bytes both ways
+# (protocol/_layers.py checks the head's command headers on the worker).
+
+MAX_LAYERS_MEMORY = 2**50  # a petabyte: a bound on the number, not a promise
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LayersHello(_Message):
+    """The head's first frame: the llama.cpp RPC protocol version it speaks, the bytes of
+    layers and KV it wants to place, and the model's sha256 (a worker that holds the file
+    says so). `probe` true: only check, the head closes after LayersReady."""
+
+    tag: ClassVar[str] = "lhello"
+    rpc_major: int
+    rpc_minor: int
+    rpc_patch: int
+    memory: int
+    model_sha256: str | None = None
+    probe: bool | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("rpc_major", "rpc_minor", "rpc_patch"):
+            _check_int(f"LayersHello.{name}", getattr(self, name), 0, 255)
+        _check_int("LayersHello.memory", self.memory, 1, MAX_LAYERS_MEMORY)
+        if self.model_sha256 is not None:
+            _check_str("LayersHello.model_sha256", self.model_sha256, max_len=64)
+            if not _SHA256_HEX.fullmatch(self.model_sha256):
+                raise _range_error("LayersHello.model_sha256", "must be 64 lowercase hex digits")
+        if self.probe is not None:
+            _check_bool("LayersHello.probe", self.probe)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LayersReady(_Message):
+    """The worker's answer: its RPC version, the memory it grants (= the hello's), and
+    whether it holds the model's file. RPC bytes may follow."""
+
+    tag: ClassVar[str] = "lready"
+    rpc_major: int
+    rpc_minor: int
+    rpc_patch: int
+    memory: int
+    holds_model: bool | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("rpc_major", "rpc_minor", "rpc_patch"):
+            _check_int(f"LayersReady.{name}", getattr(self, name), 0, 255)
+        _check_int("LayersReady.memory", self.memory, 1, MAX_LAYERS_MEMORY)
+        if self.holds_model is not None:
+            _check_bool("LayersReady.holds_model", self.holds_model)
+
+
 Message: TypeAlias = (
     InferRequest
     | Accepted
@@ -611,6 +670,8 @@ Message: TypeAlias = (
     | PairReply
     | PairConfirm
     | PairDone
+    | LayersHello
+    | LayersReady
 )
 
 MESSAGE_TYPES: Mapping[str, type[Message]] = {
@@ -631,6 +692,8 @@ MESSAGE_TYPES: Mapping[str, type[Message]] = {
         PairReply,
         PairConfirm,
         PairDone,
+        LayersHello,
+        LayersReady,
     )
 }
 
@@ -642,6 +705,7 @@ PROTOCOL_MESSAGES: Mapping[str, frozenset[type[Message]]] = {
         {ManifestRequest, ManifestResponse, ChunkRequest, ChunkData, Error}
     ),
     PAIR_PROTOCOL: frozenset({PairStart, PairReply, PairConfirm, PairDone, Error}),
+    LAYERS_PROTOCOL: frozenset({LayersHello, LayersReady, Error}),
 }
 
 

@@ -118,6 +118,8 @@ OPTIONS: list[Option] = [
     Option("peer_tokens_per_minute", int, 20000, "tokens one peer may generate here per minute", metavar="N"),
     Option("shard_max_uploads", int, 4, "model-file uploads served to peers at once", metavar="N"),
     Option("shard_upload_rate", parse_size, 0, "upload cap for model files, bytes/s, e.g. 50MiB (0: none)", metavar="SIZE"),
+    Option("layers_memory", parse_size, 0, "memory this node offers for layers of split models placed by peers with the layers role, e.g. 1GiB (0: none); set aside from --memory-budget, local models get the rest", metavar="SIZE"),
+    Option("layers_idle_timeout", int, 600, "seconds a layer session may stay silent before this node ends it", metavar="S"),
     Option("relay", _list, [], "relay to reserve a slot on and be reached through, MULTIADDR/p2p/PEERID (repeatable)", kind="append", metavar="MULTIADDR"),
     Option("relay_service", _bool, False, "relay connections for peers behind NAT (circuit relay v2)", kind="flag"),
     Option("relay_allow", _list, [], "peer ids that may reserve a slot on this relay (repeatable; none: anyone, within the limits)", kind="append", metavar="PEERID"),
@@ -156,6 +158,8 @@ class Config:
     peer_tokens_per_minute: int = 20000
     shard_max_uploads: int = 4
     shard_upload_rate: int = 0
+    layers_memory: int = 0
+    layers_idle_timeout: int = 600
     relay: list[str] = field(default_factory=list)
     relay_service: bool = False
     relay_allow: list[str] = field(default_factory=list)

@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     from .pull import Puller
     from .remote_embed import RemoteEmbedder
     from .services.infer import PeerQuota
+    from .services.layers import LayersService
+    from .split import SplitInference
 
 log = logging.getLogger("qvacd.node")
 
@@ -69,8 +71,18 @@ class Node:
         except StoreError as e:
             raise StartupError(str(e)) from e
         gpu_layers = None if config.gpu_layers == -2 else config.gpu_layers
+        budget = config.memory_budget
+        if config.layers_memory and config.p2p:
+            # the memory offered for peers' layers is set aside from this node's budget
+            from models.engine import default_memory_budget
+
+            whole = budget or default_memory_budget()
+            if config.layers_memory >= whole:
+                raise StartupError(f"--layers-memory {config.layers_memory} is not below the"
+                                   f" memory budget {whole}; lower it or raise --memory-budget")
+            budget = whole - config.layers_memory
         self.engine = Engine(self.store, EngineConfig(
-            n_ctx=config.ctx_size, memory_budget=config.memory_budget, parallel=config.sequences,
+            n_ctx=config.ctx_size, memory_budget=budget, parallel=config.sequences,
             queue_size=config.queue_size, n_threads=config.threads, gpu_layers=gpu_layers))
         self.metrics = Metrics()
         self.recorder = ActivityRecorder()  # the dashboard's requests and tokens/s
@@ -83,6 +95,8 @@ class Node:
         self.device: DeviceInfo | None = None
         self.puller: Puller | None = None  # with the network
         self.pairing: PairingService | None = None  # with the network
+        self.layers: LayersService | None = None  # the worker side of splits
+        self.split: SplitInference | None = None  # the head side of splits
         self.remote_embed: RemoteEmbedder | None = None  # embeddings from peers
         if config.p2p:
             self._init_network()
@@ -134,8 +148,29 @@ class Node:
                              registry=self.metrics.registry)
         self.router.remote = RemoteInference(self.node_id, self.network, metrics=self.metrics)
         self._init_embeddings(self.network, self.router.remote, self.infer_service.quota)
+        self._init_split(self.network)
         self._init_pairing(self.network)
         self.engine.on_change = self.network.capacity_changed
+
+    def _init_split(self, network: PeerNetwork) -> None:
+        from protocol import LAYERS_PROTOCOL
+
+        from .services.layers import LayersService
+        from .split import SplitInference, SplitOrDelegate
+
+        cfg = self.config
+        self.layers = LayersService(
+            is_authorized=lambda peer: self.trust.is_trusted(peer, "layers"),
+            offered=cfg.layers_memory, cache_dir=cfg.data_dir / "layer-cache",
+            holds_model=lambda sha: self.store.resolve(sha) is not None,
+            n_threads=cfg.threads or 1, idle_timeout=float(cfg.layers_idle_timeout))
+        self.layers.on_offence = network.offence
+        self.layers.on_change = network.capacity_changed
+        network.set_stream_handler(LAYERS_PROTOCOL, self.layers.handle)
+        self.split = SplitInference(self.node_id, self.engine, network, self.trust,
+                                    n_threads=cfg.threads)
+        assert self.router.remote is not None
+        self.router.remote = SplitOrDelegate(self.router.remote, self.split)
 
     def _init_embeddings(self, network: PeerNetwork, remote: RemoteInference,
                          quota: PeerQuota) -> None:
@@ -195,7 +230,8 @@ class Node:
             slots_total=eng["slots_total"], slots_free=eng["slots_free"],
             queue_len=eng["queue"], tokens_per_s=tps,
             aggregate_tokens_per_s=eng["aggregate_tokens_per_s"], roles=("provider", "seeder"),
-            certificates=tuple(self.mesh.certificates_to_present())[:4], version=__version__)
+            certificates=tuple(self.mesh.certificates_to_present())[:4], version=__version__,
+            layers_memory=self.layers.free if self.layers is not None else 0)
 
     # ---- views used by the API -----------------------------------------------------
 
@@ -253,6 +289,8 @@ class Node:
             out["banned"] = self.network.guard.banned()
         if self.pairing is not None:
             out["pairing"] = self.pairing.status()
+        if self.layers is not None:
+            out["layers"] = self.layers.status()
         if self.device is not None:
             out["device"] = {"kind": self.device.kind, "name": self.device.name,
                              "memory_total": self.device.memory_total,
@@ -296,6 +334,10 @@ class Node:
                     raise StartupError(f"cannot start the P2P side on {self.config.listen}:"
                                        f" {err}; pick another --listen port") from e
                 nursery.start_soon(self._watch_local_state, self.network)
+                if self.split is not None:
+                    await nursery.start(self.split.run)
+                if self.layers is not None:
+                    await nursery.start(self.layers.run)
                 if self.puller is not None:  # always, with the network
                     await nursery.start(self.puller.run)
             if self.config.preload and self.config.default_model:

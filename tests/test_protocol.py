@@ -97,6 +97,11 @@ EXAMPLES: list[protocol.Message] = [
     protocol.EmbedRequest(model="m", inputs=("a", "b"), deadline_ms=1000),
     protocol.EmbedVectors(first=0, dims=1, data=b"\x00\x00\x80\x3f"),
     protocol.EmbedDone(count=1, prompt_tokens=3),
+    protocol.LayersHello(rpc_major=7, rpc_minor=0, rpc_patch=0, memory=1 << 20,
+                         model_sha256="a" * 64),
+    protocol.LayersHello(rpc_major=7, rpc_minor=0, rpc_patch=0, memory=1, probe=True),
+    protocol.LayersReady(rpc_major=7, rpc_minor=0, rpc_patch=0, memory=1 << 20,
+                         holds_model=False),
 ]
 
 
@@ -291,6 +296,10 @@ SCHEMA: dict[str, dict[str, str]] = {
     "embq": {"model": "str", "inputs": "array", "truncate": "bool?", "deadline_ms": "int"},
     "embv": {"first": "int", "dims": "int", "data": "bin"},
     "embd": {"count": "int", "prompt_tokens": "int"},
+    "lhello": {"rpc_major": "int", "rpc_minor": "int", "rpc_patch": "int", "memory": "int",
+               "model_sha256": "str?", "probe": "bool?"},
+    "lready": {"rpc_major": "int", "rpc_minor": "int", "rpc_patch": "int", "memory": "int",
+               "holds_model": "bool?"},
 }
 SAMPLES = {"str": "x", "int": 1, "float": 0.5, "bin": b"x", "bool": True, "array": ["x"],
            "map": {"x": 1}}

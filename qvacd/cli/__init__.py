@@ -6,6 +6,7 @@ One module per command family, each with its `cmd_*` functions:
     models.py   models list|add|show|rm (the local store)
     pull.py     models pull (asks the daemon, draws its progress)
     ps.py       ps (the models the daemon has loaded)
+    plan.py     plan MODEL (how the daemon would split a model across workers)
     peers.py    peers (asks the daemon), trust ..., mesh ... (files in the data dir)
     pair.py     pair [CODE] (a one-time code, through the daemon)
     run.py      run MODEL (a chat in the terminal, through the daemon's API)
@@ -25,14 +26,15 @@ import sys
 
 from .. import __version__
 from ..config import add_data_dir_arg, add_start_args
-from . import daemon, models, pair, peers, ps, pull, run, service
+from . import daemon, models, pair, peers, plan, ps, pull, run, service
 from .common import CliError, add_client_args
 
 __all__ = ["CliError", "build_parser", "main"]
 
 _ROLE_HELP = (
     "comma-separated roles: consumer (may send us inference requests), provider (we may "
-    "send it our prompts), seeder (may fetch model shards from us)"
+    "send it our prompts), seeder (may fetch model shards from us), layers (may place "
+    "layers of a split model in our memory)"
 )
 
 
@@ -60,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     add_client_args(s)
     s.set_defaults(fn=ps.cmd_ps)
+
+    s = sub.add_parser("plan", help="show how the running daemon would split a model across"
+                       " trusted workers (layers per device)")
+    s.add_argument("model")
+    s.add_argument("--json", action="store_true")
+    add_client_args(s)
+    s.set_defaults(fn=plan.cmd_plan)
 
     s = sub.add_parser("status", help="show the running daemon's state")
     s.add_argument("--json", action="store_true")

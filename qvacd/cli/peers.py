@@ -190,7 +190,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
     return 0
 
 
-_ROLE_SHORT = {"consumer": "cons", "provider": "prov", "seeder": "seed"}
+_ROLE_SHORT = {"consumer": "cons", "provider": "prov", "seeder": "seed", "layers": "layr"}
 
 
 def peers_lines(peers: list[dict[str, Any]], cols: int) -> list[str]:
