@@ -37,6 +37,7 @@ from .models_api import (KeepAliveError, apply_keep_alive, model_routes, parse_k
                          unload_model)
 from .embeddings_api import embedding_routes
 from .pair_api import pair_routes
+from .plan_api import plan_routes
 from .served_node import ServedNode
 
 if TYPE_CHECKING:
@@ -658,6 +659,7 @@ def build_app(node: ServedNode) -> Starlette:
         Route("/qvac/peers", qvac_peers, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         *pair_routes(node),  # type: ignore[arg-type]
+        *plan_routes(node),  # type: ignore[arg-type]
         *embedding_routes(node, openai_wrap=lambda endpoint: wrap(openai_error, endpoint),
                           ollama_wrap=lambda endpoint: wrap(ollama_error, endpoint),
                           read_json=read_json),
