@@ -64,6 +64,8 @@ PET = {
     "additionalProperties": False,
 }
 MAX_TOKENS = 160
+# a provider that takes all ten tries of one consumer at once (the default allows 2)
+PROVIDER = ("--parallel", str(TRIES), "--peer-max-streams", str(TRIES))
 PROMPT = [{"role": "user", "content": "Describe a pet as JSON."}]
 JSON_SCHEMA_FORMAT = {"type": "json_schema",
                       "json_schema": {"name": "pet", "schema": PET, "strict": True}}
@@ -75,7 +77,7 @@ def _valid_pet(text: str) -> dict:
     return value
 
 
-def _chat(api: str, seed: int) -> tuple[str, str, str]:
+def _chat(api: str, seed: int | None = None) -> tuple[str, str, str]:
     """(content, finish_reason, served by) of one chat answer under the PET schema."""
     oai = openai.OpenAI(base_url=api + "/v1", api_key="x", max_retries=0, timeout=3000)
     raw = oai.chat.completions.with_raw_response.create(
@@ -86,9 +88,11 @@ def _chat(api: str, seed: int) -> tuple[str, str, str]:
         raw.headers["x-qvac-served-by"]
 
 
-def _ten_chats(api: str) -> list[tuple[str, str, str]]:
-    with ThreadPoolExecutor(TRIES) as pool:
-        return list(pool.map(lambda i: _chat(api, 1000 + i), range(TRIES)))
+def _ten_chats(api: str, at_once: int = TRIES) -> list[tuple[str, str, str]]:
+    """TRIES answers, `at_once` at a time. Unseeded: a seeded request is evaluated afresh,
+    an unseeded one reuses the prompt a sequence already holds."""
+    with ThreadPoolExecutor(at_once) as pool:
+        return list(pool.map(lambda i: _chat(api), range(TRIES)))
 
 
 def _check_ten(answers: list[tuple[str, str, str]]) -> None:
@@ -96,7 +100,7 @@ def _check_ten(answers: list[tuple[str, str, str]]) -> None:
     for text, finish, _ in answers:
         assert finish == "stop", (finish, text)  # the grammar ended it, not max_tokens
         _valid_pet(text)
-    # temperature 0.9 and different seeds: the tries are really different samples
+    # temperature 0.9: the tries are really different samples
     assert len({text for text, _, _ in answers}) > 1, answers
 
 
@@ -221,14 +225,16 @@ def test_bad_structured_output_requests(start_daemon):
 @pytest.mark.timeout(1200)
 def test_structured_output_delegated(mesh):
     mesh.add("laptop", "--memory-budget", "64MiB")
-    mesh.add("desktop", "--parallel", str(TRIES))
+    mesh.add("desktop", *PROVIDER)
     mesh.trust("laptop", "desktop", ALL)
     mesh.trust("desktop", "laptop", ALL)
     mesh.start("desktop")
     small = mesh.start("laptop", bootstrap=["desktop"])
     mesh.wait_peers("laptop", ["desktop"])
     assert not small.status()["models"][0]["fits_budget"]
-    answers = _ten_chats(small.api)
+    # Five at a time: ten prompts evaluated at once on a loaded 2-core machine can take
+    # longer than the consumer's 5 s stall limit before a first token (see the report).
+    answers = _ten_chats(small.api, at_once=TRIES // 2)
     _check_ten(answers)
     assert {by for _, _, by in answers} == {mesh.ids["desktop"]}
     g = ollama.Client(host=small.api).generate(model=MODEL, prompt="A pet, as JSON:",
@@ -237,23 +243,13 @@ def test_structured_output_delegated(mesh):
     _valid_pet(g.response)
 
 
-@pytest.mark.timeout(1200)
-def test_failover_mid_answer_continues_inside_the_grammar(mesh):
-    """Ten answers stream from desk1, which is killed once each has sent some text;
-    desk2 (holding the model but not warm, so ranked second) resumes every one."""
-    mesh.add("laptop", "--memory-budget", "64MiB")
-    mesh.add("desk1", "--parallel", str(TRIES))
-    mesh.add("desk2", "--parallel", str(TRIES), "--no-preload")
-    for name in ("desk1", "desk2"):
-        mesh.trust("laptop", name, ALL)
-        mesh.trust(name, "laptop", ALL)
-    mesh.start("desk1")
-    mesh.start("desk2")
-    small = mesh.start("laptop", bootstrap=["desk1", "desk2"])
-    mesh.wait_peers("laptop", ["desk1", "desk2"])
-    oai = openai.OpenAI(base_url=small.api + "/v1", api_key="x", max_retries=0, timeout=3000)
+def _failover_round(mesh, api: str, victim: str, survivor: str, n: int) -> list[str]:
+    """`n` answers streamed at once from `victim`, killed once each has sent some text;
+    `survivor` (holding the model, cold, so ranked after the victim) resumes them all.
+    Returns the answers."""
+    oai = openai.OpenAI(base_url=api + "/v1", api_key="x", max_retries=0, timeout=3000)
     lock = threading.Lock()
-    pieces: dict[int, list[str]] = {i: [] for i in range(TRIES)}
+    pieces: dict[int, list[str]] = {i: [] for i in range(n)}
     before_kill: dict[int, str] = {}
     killed = threading.Event()
     results: dict[int, tuple[str, str | None, list[str], str]] = {}
@@ -261,7 +257,7 @@ def test_failover_mid_answer_continues_inside_the_grammar(mesh):
     def one(i: int) -> None:
         raw = oai.chat.completions.with_raw_response.create(
             model=MODEL, messages=PROMPT, max_tokens=MAX_TOKENS, temperature=0.9,
-            seed=2000 + i, stream=True, response_format=JSON_SCHEMA_FORMAT)
+            stream=True, response_format=JSON_SCHEMA_FORMAT)
         first = raw.headers["x-qvac-served-by"]
         finish, served = None, []
         for chunk in raw.parse():
@@ -273,30 +269,54 @@ def test_failover_mid_answer_continues_inside_the_grammar(mesh):
                 served = (chunk.model_extra or {}).get("x_qvac_served_by", [])
         results[i] = ("".join(pieces[i]), finish, served, first)
 
-    with ThreadPoolExecutor(TRIES) as pool:
-        futures = [pool.submit(one, i) for i in range(TRIES)]
+    with ThreadPoolExecutor(n) as pool:
+        futures = [pool.submit(one, i) for i in range(n)]
         deadline = time.monotonic() + 900
         while time.monotonic() < deadline and not killed.is_set():
             with lock:
                 if all(len(p) >= 4 for p in pieces.values()):
                     before_kill = {i: "".join(p) for i, p in pieces.items()}
-                    mesh.nodes["desk1"].kill()  # SIGKILL: no goodbye
+                    mesh.nodes[victim].kill()  # SIGKILL: no goodbye
                     killed.set()
             if any(f.done() for f in futures):
                 break  # an answer ended (or failed) before every one had begun
             time.sleep(0.05)
         for f in futures:
             f.result()
-    assert killed.is_set(), ("not every answer was streaming when desk1 was to be killed",
+    assert killed.is_set(), (f"not every answer was streaming when {victim} was to be killed",
                              results)
     for i, (text, finish, served, first) in results.items():
-        assert first == mesh.ids["desk1"], (i, first)
-        assert served == [mesh.ids["desk1"], mesh.ids["desk2"]], (i, served, text)
+        assert first == mesh.ids[victim], (i, first)
+        assert served == [mesh.ids[victim], mesh.ids[survivor]], (i, served, text)
         assert finish == "stop", (i, finish, text)
-        # the text desk1 sent was kept and continued, not repeated or restarted
+        # the text the victim sent was kept and continued, not repeated or restarted
         assert text.startswith(before_kill[i]) and len(text) > len(before_kill[i]), (i, text)
         _valid_pet(text)
-    assert len({r[0] for r in results.values()}) > 1
+    return [r[0] for r in results.values()]
+
+
+@pytest.mark.timeout(1800)
+def test_failover_mid_answer_continues_inside_the_grammar(mesh):
+    """Ten answers, each cut mid-answer by its provider's death and finished by another
+    provider inside the grammar: five from desk1 resumed on desk2, then five from desk2
+    resumed on desk3 (each survivor cold until then, so ranked after the warm victim).
+    Five at a time, not ten: see test_structured_output_delegated."""
+    mesh.add("laptop", "--memory-budget", "64MiB")
+    mesh.add("desk1", *PROVIDER)
+    mesh.add("desk2", *PROVIDER, "--no-preload")
+    mesh.add("desk3", *PROVIDER, "--no-preload")
+    for name in ("desk1", "desk2", "desk3"):
+        mesh.trust("laptop", name, ALL)
+        mesh.trust(name, "laptop", ALL)
+    mesh.start("desk1")
+    mesh.start("desk2")
+    small = mesh.start("laptop", bootstrap=["desk1", "desk2"])
+    mesh.wait_peers("laptop", ["desk1", "desk2"])
+    answers = _failover_round(mesh, small.api, "desk1", "desk2", TRIES // 2)
+    mesh.start("desk3", bootstrap=["laptop"])
+    mesh.wait_peers("laptop", ["desk3"])
+    answers += _failover_round(mesh, small.api, "desk2", "desk3", TRIES - TRIES // 2)
+    assert len(answers) == TRIES and len(set(answers)) > 1
 
 
 # ---- a provider that predates the grammar field ----------------------------------------
