@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import subprocess
 import sys
 from collections import defaultdict
@@ -66,11 +67,13 @@ async def library_rpc_version() -> tuple[int, int, int]:
         done = await trio.run_process(
             [sys.executable, "-m", "qvacd.layer_worker", "--version"], capture_stdout=True,
             capture_stderr=True, check=False, env=child_env())
-        lines = [ln for ln in done.stdout.decode(errors="replace").splitlines()
-                 if ln.startswith("rpc-version ")]
+        # the server thread's banner shares the pipe (even a line: C and Python buffers)
+        found = re.search(r"rpc-version (\d+)\.(\d+)\.(\d+)",
+                          done.stdout.decode(errors="replace"))
         try:
-            major, minor, patch = (int(x) for x in lines[0].split()[1].split("."))
-        except (IndexError, ValueError):
+            assert found is not None
+            major, minor, patch = (int(x) for x in found.groups())
+        except (AssertionError, ValueError):
             out = (done.stderr or done.stdout).decode(errors="replace").strip()
             raise RuntimeError(f"cannot read the llama.cpp RPC version (exit"
                                f" {done.returncode}): {out[-300:]}") from None
@@ -160,7 +163,9 @@ class LayersService:
         finally:
             if outcome in ("protocol", "unauthorized"):
                 self.on_offence(outcome, stream, peer_id)
-            await close_stream(stream, reset=outcome not in ("ok", "refused"))
+            # a refusal was answered in a frame: a clean close lets it arrive (a reset may
+            # drop it); a bad RPC command or a vanished head is reset
+            await close_stream(stream, reset=outcome not in ("ok", "refused", "unauthorized"))
 
     async def _serve(self, stream: Stream, peer: str) -> str:
         if self.offered <= 0:

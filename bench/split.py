@@ -1,0 +1,197 @@
+"""A split model against the same model whole, and against llama.cpp's own RPC, in one run.
+
+Four ways to run gemma3-270m, greedy, same prompt, 1 thread per process:
+- whole:   one qvacd node holding the whole model;
+- split:   a qvacd head (budget too small) + a qvacd worker (--layers-memory): the last 9
+           of 18 layers on the worker over /qvac/layers/1.0.0 on loopback;
+- anchor:  llama.cpp's ggml-rpc-server + llama-server --rpc over plain TCP on loopback,
+           the same split (-ngl 10 with the output head kept on the host: 9 blocks remote);
+- local:   llama-server without RPC (the anchor's own whole-model baseline).
+Reported: tokens/s and TTFT (median of rounds), split/anchor ratio (goal >= 0.8), the
+first-request load time of the split, and whether the texts agree.
+
+    python bench/split.py [--rounds 3] [--max-tokens 64] [--llama-bin DIR]
+
+llama-server and ggml-rpc-server come from the llama-cpp-python sdist's vendored tree,
+built with -DGGML_RPC=ON (docs in ../shared/llama-cpp-batching-and-rpc.md); without them
+the anchor rows are left out and the run says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.harness import clone_data_dir, temporary_mesh, Daemon  # noqa: E402
+
+PROMPT = "Here is a long story about a dragon who learned to cook. Once upon a time,"
+MODEL = "gemma3-270m"
+DEFAULT_BIN = Path(os.environ.get("QVACD_LLAMA_BIN", "/work/llama-rpc-build/bin"))
+CTX = "1024"
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def model_path(data_dir: Path) -> Path:
+    from models.store import ModelStore
+
+    entry = ModelStore(data_dir).resolve(MODEL)
+    assert entry is not None, f"{MODEL} is not in {data_dir}"
+    return Path(entry.path)
+
+
+def llama_bin(bin_dir: Path = DEFAULT_BIN) -> Path | None:
+    ok = all((bin_dir / n).exists() for n in ("llama-server", "ggml-rpc-server"))
+    return bin_dir if ok else None
+
+
+@contextlib.contextmanager
+def llama_server(model: Path, bin_dir: Path, *, rpc_blocks: int) -> Iterator[str]:
+    """llama-server on loopback (with a ggml-rpc-server holding `rpc_blocks` blocks when
+    > 0, output head on the host as qvacd does); yields its base URL."""
+    procs = []
+    try:
+        args = [str(bin_dir / "llama-server"), "-m", str(model), "-t", "1", "-c", CTX,
+                "--port", str(port := _port()), "--host", "127.0.0.1"]
+        if rpc_blocks:
+            rpc_port = _port()
+            procs.append(subprocess.Popen([str(bin_dir / "ggml-rpc-server"), "-t", "1", "-p",
+                                           str(rpc_port)], stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL))
+            time.sleep(1)
+            args += ["--rpc", f"127.0.0.1:{rpc_port}", "-ngl", str(rpc_blocks + 1),
+                     "-ot", r"^(output|token_embd)\.=CPU"]
+        else:
+            args += ["-ngl", "0"]
+        procs.append(subprocess.Popen(args, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL))
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.5)
+        yield url
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def llama_complete(url: str, prompt: str, n: int) -> tuple[str, float, float]:
+    """(text, tokens/s, ttft s) from llama-server, greedy."""
+    d = httpx.post(url + "/completion", timeout=600, json={
+        "prompt": prompt, "n_predict": n, "temperature": 0, "cache_prompt": False}).json()
+    t = d["timings"]
+    return d["content"], t["predicted_per_second"], t["prompt_ms"] / 1000
+
+
+def qvacd_stream(api: str, prompt: str, n: int) -> tuple[str, float, float]:
+    """(text, tokens/s of generation after the first token, ttft s) through qvacd."""
+    t0 = time.monotonic()
+    first = None
+    pieces = []
+    usage = None
+    with httpx.stream("POST", api + "/v1/completions", timeout=600, json={
+            "model": MODEL, "prompt": prompt, "max_tokens": n, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            d = json.loads(line[6:])
+            if d.get("usage"):
+                usage = d["usage"]
+            for c in d.get("choices", []):
+                if c.get("text"):
+                    first = first or time.monotonic()
+                    pieces.append(c["text"])
+    end = time.monotonic()
+    tokens = (usage or {}).get("completion_tokens") or len(pieces)
+    assert first is not None, "no text came back"
+    tps = (tokens - 1) / (end - first) if end > first and tokens > 1 else 0.0
+    return "".join(pieces), tps, first - t0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--llama-bin", type=Path, default=DEFAULT_BIN)
+    a = ap.parse_args()
+    rows: dict[str, list[tuple[str, float, float]]] = {}
+    with temporary_mesh("qvacd-split-bench-") as m:
+        model = model_path(m.template)
+        m.add("head", "--memory-budget", "300MiB", "--ctx-size", CTX, "--threads", "1")
+        m.add("worker", "--memory-budget", "300MiB", "--layers-memory", "200MiB",
+              "--ctx-size", CTX, "--threads", "1")
+        m.trust("worker", "head", ["layers"])
+        m.trust("head", "worker", ["provider"])
+        m.start("worker")
+        m.start("head", bootstrap=["worker"])
+        m.wait_peers("head", ["worker"], timeout=30)
+        whole = Daemon(clone_data_dir(m.template, m.root / "whole"), "--no-p2p",
+                       "--ctx-size", CTX, "--threads", "1").start()
+        try:
+            head = m.nodes["head"]
+            t0 = time.monotonic()
+            qvacd_stream(head.api, PROMPT, 2)
+            load_s = time.monotonic() - t0
+            layers = m.nodes["worker"].status()["layers"]
+            print(f"split: first request (load over the tunnel) {load_s:.1f} s,"
+                  f" {layers['bytes_in'] / 2**20:.1f} MiB carried to the worker")
+            anchor_bin = llama_bin(a.llama_bin)
+            servers = contextlib.ExitStack()
+            with servers:
+                urls = {}
+                if anchor_bin:
+                    urls["anchor"] = servers.enter_context(
+                        llama_server(model, anchor_bin, rpc_blocks=9))
+                    urls["local"] = servers.enter_context(
+                        llama_server(model, anchor_bin, rpc_blocks=0))
+                else:
+                    print(f"no llama-server/ggml-rpc-server in {a.llama_bin}: anchor left out")
+                for _ in range(a.rounds):  # interleaved, so load changes hit all alike
+                    rows.setdefault("whole", []).append(
+                        qvacd_stream(whole.api, PROMPT, a.max_tokens))
+                    rows.setdefault("split", []).append(
+                        qvacd_stream(head.api, PROMPT, a.max_tokens))
+                    for name, url in urls.items():
+                        rows.setdefault(name, []).append(
+                            llama_complete(url, PROMPT, a.max_tokens))
+        finally:
+            whole.stop()
+    med = {k: (statistics.median(r[1] for r in v), statistics.median(r[2] for r in v))
+           for k, v in rows.items()}
+    for k, (tps, ttft) in med.items():
+        print(f"{k:7s} {tps:6.1f} tok/s   ttft {ttft * 1000:6.0f} ms")
+    if "anchor" in med:
+        print(f"split / anchor: {med['split'][0] / med['anchor'][0]:.2f} (goal >= 0.8)")
+        print(f"split text == anchor text: {rows['split'][0][0] == rows['anchor'][0][0]}")
+        print(f"anchor text == llama-server local text: "
+              f"{rows['anchor'][0][0] == rows['local'][0][0]}")
+    print(f"split / whole: {med['split'][0] / med['whole'][0]:.2f};"
+          f" split text == whole text: {rows['split'][0][0] == rows['whole'][0][0]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
