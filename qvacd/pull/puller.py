@@ -42,6 +42,7 @@ from .shard_client import ChunkLane, ShardClient, StreamOpener
 
 plog = logging.getLogger("qvacd.pull")
 
+_SAME_EVENT_S = 1.0  # transient failures of one provider this close together count once
 _SHA_RE = re.compile(r"^(?:sha256[:-])?([0-9a-f]{64})$")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._\-]{0,63}$")
 
@@ -634,7 +635,7 @@ class Puller:
                 scopes[peer].cancel()
             notify()
 
-        async def worker(peer: str, busy_since: list[float | None], strikes: list[int]
+        async def worker(peer: str, busy_since: list[float | None], strikes: list[float]
                          ) -> None:
             lane = ChunkLane()  # one stream to `peer`, kept for chunk after chunk
             try:
@@ -643,7 +644,7 @@ class Puller:
                 with trio.CancelScope(shield=True):
                     await lane.close()
 
-        async def fetch_from(peer: str, busy_since: list[float | None], strikes: list[int],
+        async def fetch_from(peer: str, busy_since: list[float | None], strikes: list[float],
                              lane: ChunkLane) -> None:
             while left:
                 if not pending:
@@ -694,10 +695,16 @@ class Puller:
                     await trio.sleep(min(max(b.retry_after, 0.05), 5.0))
                 except PeerFault as f:
                     self.metrics.pull_chunks.labels(f.kind).inc()
-                    if f.kind in TRANSIENT and strikes[0] < opts.transient_retries:
+                    now = time.monotonic()
+                    if f.kind in TRANSIENT and (strikes[0] < opts.transient_retries
+                                                or now - strikes[1] < _SAME_EVENT_S):
                         # A broken stream or failed dial may be the network, not the peer
                         # (yamux resets a stream whose reader lagged ~5 s): retry a little.
-                        strikes[0] += 1
+                        # Failures within _SAME_EVENT_S of the last are one event: a lost
+                        # connection ends every stream of this provider at once.
+                        if now - strikes[1] >= _SAME_EVENT_S:
+                            strikes[0] += 1
+                            strikes[1] = now
                         plog.info("pull of %s: %s %s; retrying (%d/%d)", dl.name, peer,
                                   f.reason, strikes[0], opts.transient_retries)
                         await trio.sleep(0.5)
@@ -713,7 +720,9 @@ class Puller:
 
         async def provider(peer: str) -> None:
             busy_since: list[float | None] = [None]
-            strikes = [0]  # transient failures in a row, all streams of this provider
+            # transient failure events in a row, all streams of this provider; when the
+            # last one began
+            strikes = [0, -_SAME_EVENT_S]
             with trio.CancelScope() as scope, one_error():
                 scopes[peer] = scope
                 dl.sources.add(peer)

@@ -196,7 +196,15 @@ class ShardClient:
                             if reused and state.received == 0 and not decoder.buffered:
                                 raise _EndedBeforeAnswer()
                             decoder.feed_eof()
-                            if decoder.next_message() is None:
+                            try:
+                                tail = decoder.next_message()
+                            except ProtocolError as e:
+                                # why "gone", not a protocol fault: a connection that
+                                # closes mid-transfer (under load, on a flaky path) ends
+                                # every stream on it this way; retried like a reset
+                                raise PeerFault(f"the stream ended in chunk {index}:"
+                                                f" {e.message}", "gone") from None
+                            if tail is None:
                                 state.receive_eof()  # raises: ended before the last piece
                         continue
                     state.receive(msg)
