@@ -229,8 +229,13 @@ class LabNode:
         return r.json()["peers"]
 
     async def verified_peers(self) -> set[str]:
+        """Peers whose verified record this node would route on: fresh (checked in the
+        last 30 s), or connected and checked within two of the daemon's 60 s refresh
+        rounds (a connected peer pushes every change, so a quiet mesh is re-checked
+        only once a minute and "fresh" alone went false in every quiet minute)."""
         return {p["peer_id"] for p in await self.peers()
-                if p.get("capacity") and p.get("fresh", True)}
+                if p.get("capacity") and (p.get("fresh", True) or (
+                    p.get("connected") and (p.get("verified_age_s") or 1e9) <= 120))}
 
     async def stream(self, prompt: str, max_tokens: int, *, timeout: float = 120,
                      on_token: Any = None, extra: dict | None = None,

@@ -374,9 +374,8 @@ async def failover(lab: Lab, opt: Options, res: Result) -> None:
     streams, and a cut path stops answering). Overloaded (long prompts from other
     clients, prefilled beside ours) is slow, not dead: the same node must finish the
     answer (its longest silence is in the table)."""
-    # why restart all between cases: a node killed or cut a moment ago is backed off by
-    # the consumer, and in this lab the consumer's records of quiet peers went stale
-    # after a case (no refresh fetch for 90 s; seen 3 times, cause not found yet)
+    # why restart all between cases: a node killed, cut or overloaded a moment ago is
+    # backed off by the consumer, which would steer the next case
     for k, mode in enumerate(("overload", "kill", "cut")):
         await ensure_mesh(lab, fresh=k > 0)
         await _failover_once(lab, opt, res, mode)
