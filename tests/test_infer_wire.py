@@ -112,3 +112,56 @@ async def test_bad_frames_unauthorized_then_trusted(tmp_path: Path, model_templa
         assert daemon.proc.poll() is None  # none of it crashed the daemon
     finally:
         daemon.stop()
+
+
+async def test_grammar_on_the_wire(tmp_path: Path, model_template: Path):
+    """InferRequest.grammar against a real provider: the answer is in the grammar's
+    language and Accepted says the grammar is enforced; a resume continues inside it; a
+    resume outside it, a grammar that does not parse, or one nested to crash llama.cpp's
+    parser is a bad_request before anything is generated, and the daemon keeps serving."""
+    data = clone_data_dir(model_template, tmp_path / "provider")
+    provider_id = load_or_create_identity(data).peer_id_str
+    me = Identity.generate()
+    TrustStore.in_dir(data).add(me.peer_id_str, ["consumer"])
+    port = free_port()
+    daemon = Daemon(data, "--listen", f"/ip4/127.0.0.1/tcp/{port}")
+    daemon.start()
+    try:
+        client = make_host(me.keypair, ["/ip4/127.0.0.1/tcp/0"])
+        async with client.run():
+            addr = multiaddr.Multiaddr(f"/ip4/127.0.0.1/tcp/{port}/p2p/{provider_id}")
+            info = info_from_p2p_addr(addr)
+            await client.libp2p.connect(info)
+            yes_no = 'root ::= "yes" | "no"'
+
+            def ask(**kw) -> bytes:
+                return encode_frame(InferRequest(
+                    model=MODEL, prompt="Answer yes or no: is water wet?", max_tokens=8,
+                    temperature=0.8, deadline_ms=120_000, **kw))
+
+            for seed in (1, 2, 3):
+                reply = await exchange(client, info.peer_id, ask(grammar=yes_no, seed=seed),
+                                       read_all=True)
+                assert isinstance(reply[0], Accepted) and reply[0].grammar is True, reply
+                assert isinstance(reply[-1], Done) and reply[-1].finish_reason == "stop"
+                assert "".join(m.text for m in reply[1:-1]) in ("yes", "no"), reply
+            # without a grammar, Accepted does not claim one
+            reply = await exchange(client, info.peer_id, ask(), read_all=True)
+            assert isinstance(reply[0], Accepted) and reply[0].grammar is None
+            # a failover resume: only the rest of the word, inside the grammar
+            reply = await exchange(client, info.peer_id, ask(grammar=yes_no, resume="ye"),
+                                   read_all=True)
+            assert reply[0].grammar is True and isinstance(reply[-1], Done), reply
+            assert "".join(m.text for m in reply[1:-1]) == "s"
+            for kw, words in [
+                ({"resume": "maybe"}, "not a start the grammar admits"),
+                ({"grammar": "root ::= answer"}, "uses rule 'answer' but does not define"),
+                ({"grammar": "root ::= " + "(" * 20000 + '"a"' + ")" * 20000},
+                 "nests parentheses deeper than"),
+            ]:
+                reply = await exchange(client, info.peer_id, ask(**{"grammar": yes_no, **kw}))
+                assert len(reply) == 1 and reply[0].code == ErrorCode.BAD_REQUEST, (kw, reply)
+                assert words in reply[0].message, reply
+        assert daemon.proc.poll() is None
+    finally:
+        daemon.stop()
