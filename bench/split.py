@@ -114,6 +114,8 @@ def qvacd_stream(api: str, prompt: str, n: int) -> tuple[str, float, float]:
     with httpx.stream("POST", api + "/v1/completions", timeout=600, json={
             "model": MODEL, "prompt": prompt, "max_tokens": n, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}}) as r:
+        if r.status_code != 200:
+            raise SystemExit(f"{api}: {r.status_code} {r.read().decode()[:400]}")
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -169,16 +171,31 @@ def main() -> int:
                         llama_server(model, anchor_bin, rpc_blocks=0))
                 else:
                     print(f"no llama-server/ggml-rpc-server in {a.llama_bin}: anchor left out")
-                for _ in range(a.rounds):  # interleaved, so load changes hit all alike
-                    rows.setdefault("whole", []).append(
-                        qvacd_stream(whole.api, PROMPT, a.max_tokens))
-                    rows.setdefault("split", []).append(
-                        qvacd_stream(head.api, PROMPT, a.max_tokens))
-                    for name, url in urls.items():
-                        rows.setdefault(name, []).append(
-                            llama_complete(url, PROMPT, a.max_tokens))
+                try:
+                    _rounds(a, rows, whole.api, head.api, urls)
+                except AssertionError:
+                    print("\n".join(ln for ln in head.log().splitlines()
+                                    if "split" in ln or "level=warning" in ln)[-3000:])
+                    raise
         finally:
             whole.stop()
+    _report(rows)
+    return 0
+
+
+def _rounds(a: argparse.Namespace, rows: dict, whole_api: str, head_api: str,
+            urls: dict[str, str]) -> None:
+    for _ in range(a.rounds):  # interleaved, so load changes hit all alike
+        rows.setdefault("whole", []).append(
+            qvacd_stream(whole_api, PROMPT, a.max_tokens))
+        rows.setdefault("split", []).append(
+            qvacd_stream(head_api, PROMPT, a.max_tokens))
+        for name, url in urls.items():
+            rows.setdefault(name, []).append(
+                llama_complete(url, PROMPT, a.max_tokens))
+
+
+def _report(rows: dict) -> None:
     med = {k: (statistics.median(r[1] for r in v), statistics.median(r[2] for r in v))
            for k, v in rows.items()}
     for k, (tps, ttft) in med.items():
@@ -190,7 +207,6 @@ def main() -> int:
               f"{rows['anchor'][0][0] == rows['local'][0][0]}")
     print(f"split / whole: {med['split'][0] / med['whole'][0]:.2f};"
           f" split text == whole text: {rows['split'][0][0] == rows['whole'][0][0]}")
-    return 0
 
 
 if __name__ == "__main__":
