@@ -232,9 +232,9 @@ def test_structured_output_delegated(mesh):
     small = mesh.start("laptop", bootstrap=["desktop"])
     mesh.wait_peers("laptop", ["desktop"])
     assert not small.status()["models"][0]["fits_budget"]
-    # Five at a time: ten prompts evaluated at once on a loaded 2-core machine can take
-    # longer than the consumer's 5 s stall limit before a first token (see the report).
-    answers = _ten_chats(small.api, at_once=TRIES // 2)
+    # Two at a time: several prompts evaluated at once on a loaded 2-core machine can take
+    # longer than the consumer's 5 s stall limit before a first token (qvacd/delegation.py).
+    answers = _ten_chats(small.api, at_once=2)
     _check_ten(answers)
     assert {by for _, _, by in answers} == {mesh.ids["desktop"]}
     g = ollama.Client(host=small.api).generate(model=MODEL, prompt="A pet, as JSON:",
