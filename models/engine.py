@@ -143,6 +143,7 @@ class GenerationRequest:
 @dataclass
 class GenerationResult:
     finish_reason: str = "stop"  # stop | length | cancelled | error
+    error: str = ""  # one line, why, when finish_reason is error
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens served from a sequence's KV cache

@@ -39,6 +39,8 @@ from .embeddings_api import embedding_routes
 from .pair_api import pair_routes
 from .plan_api import plan_routes
 from .served_node import ServedNode
+from .structured_output import (StructuredOutputError, ollama_format_grammar,
+                                openai_format_grammar)
 
 if TYPE_CHECKING:
     from .dashboard import RequestRecord
@@ -53,7 +55,8 @@ _STATUS_FOR = {
     "UNAVAILABLE": 503, "INTERNAL": 500, "DEADLINE": 504, "UNAUTHORIZED": 403,
 }
 _OPENAI_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                429: "rate_limit_error", 503: "service_unavailable", 500: "server_error"}
+                429: "rate_limit_error", 503: "service_unavailable", 500: "server_error",
+                502: "server_error"}
 
 
 class ApiError(Exception):
@@ -125,6 +128,14 @@ def stop_list(v: Any, label: str = "stop") -> tuple[str, ...]:
     if isinstance(v, list) and all(isinstance(s, str) for s in v) and len(v) <= 16:
         return tuple(v)
     raise ApiError(400, f"'{label}' must be a string or an array of up to 16 strings", param=label)
+
+
+def format_grammar(parse: Callable[[Any], str | None], value: Any) -> str | None:
+    """The grammar of a structured-output field (qvacd/structured_output.py), or a 400."""
+    try:
+        return parse(value)
+    except StructuredOutputError as e:
+        raise ApiError(400, e.message, param=e.param) from None
 
 
 def tool_setup(parse: Callable[[dict[str, Any]], tool_calls.ToolSetup],
@@ -320,7 +331,7 @@ class InferenceResponse(Response):
             nursery.start_soon(watch_disconnect)
             try:
                 async with self.node.router.generate(self.req, local_only=self.local_only) as gen:
-                    await self._write(gen, send, t0, rec)
+                    status = await self._write(gen, send, t0, rec)
             except EngineError as e:
                 status = await self._send_error(send, ApiError.from_engine(e))
             except ApiError as e:
@@ -347,7 +358,7 @@ class InferenceResponse(Response):
         return e.status
 
     async def _write(self, gen: RoutedGeneration, send: Any, t0: float,
-                     rec: RequestRecord) -> None:
+                     rec: RequestRecord) -> int:
         metrics = self.node.metrics
         self.node.recorder.routed(rec, gen.served_by, gen.where)
         headers = [(b"content-type", self.fmt.media_type.encode() if self.stream
@@ -374,6 +385,13 @@ class InferenceResponse(Response):
                 parts.append(piece)
         metrics.tokens.labels(self.req.model, gen.served_by[-1]).inc(
             gen.result.completion_tokens)
+        if gen.result.finish_reason == "error":
+            # The answer was cut (the provider or a split's worker died, nobody could
+            # resume): a client must not take it for a finished one. Sent from here, not
+            # raised: the routers' nurseries would wrap it in an exception group.
+            return await self._send_error(send, ApiError(
+                502, gen.result.error or "the node serving this answer failed mid-answer;"
+                " retry the request"))
         self._completion_tokens = gen.result.completion_tokens
         if self.stream:
             await send({"type": "http.response.body",
@@ -385,6 +403,7 @@ class InferenceResponse(Response):
             headers[1] = (SERVED_BY.lower().encode(), ",".join(gen.served_by).encode())
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send({"type": "http.response.body", "body": body, "more_body": False})
+        return 200
 
 
 async def _no_receive() -> dict[str, Any]:
@@ -475,7 +494,8 @@ def build_app(node: ServedNode) -> Starlette:
         opts = field(body, "stream_options", dict, {})
         req = GenerationRequest(
             model=model, prompt=prompt, max_tokens=_max_tokens(body, "max_tokens", default=16),
-            stop=stop_list(body.get("stop")), **sampling(body, temp_default=1.0))
+            stop=stop_list(body.get("stop")), **sampling(body, temp_default=1.0),
+            grammar=format_grammar(openai_format_grammar, body.get("response_format")))
         fmt = openai_completion_format(model, bool(opts.get("include_usage")))
         return InferenceResponse(node, req, fmt, stream=stream,
                                  local_only=_local_only(request, body),
@@ -496,7 +516,8 @@ def build_app(node: ServedNode) -> Starlette:
             model=model, prompt="", messages=tuple(messages),
             max_tokens=_max_tokens(body, "max_completion_tokens", "max_tokens", default=None),
             stop=stop_list(body.get("stop")), **sampling(body, temp_default=1.0),
-            grammar=tools.grammar_with(None))
+            grammar=tools.grammar_with(
+                format_grammar(openai_format_grammar, body.get("response_format"))))
         fmt = tools.openai_format(openai_chat_format(model, bool(opts.get("include_usage"))))
         return InferenceResponse(node, req, fmt, stream=stream,
                                  local_only=_local_only(request, body),
@@ -521,6 +542,7 @@ def build_app(node: ServedNode) -> Starlette:
                                                        hi=10, where=w),
             seed=field(opts, "seed", int, None, where=w),
             stop=stop_list(opts.get("stop"), "options.stop"),
+            grammar=format_grammar(ollama_format_grammar, body.get("format")),
         )
 
     def ollama_details(entry: ModelEntry) -> dict[str, Any]:

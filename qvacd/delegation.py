@@ -397,6 +397,9 @@ class RemoteInference:
                                 " finish_reason error", short_peer_id(attempt.peer),
                                 req.model, len(resume))
                     result.finish_reason = "error"
+                    result.error = (f"peer {short_peer_id(attempt.peer)} failed mid-answer after"
+                                    f" {len(resume)} characters and no other peer can resume"
+                                    f" {req.model}; retry the request")
                     return
                 log.info("resuming on %s after %d characters", nxt.peer[:16], len(resume))
                 routed.served_by.append(nxt.peer)

@@ -261,6 +261,7 @@ class SplitInference:
         log.warning("split of %s failed mid-answer after %d characters: %s; ended the"
                     " client's stream with finish_reason error", a.name, sent, a.failure())
         result.finish_reason = "error"
+        result.error = f"split of {a.name} failed mid-answer: {a.failure()}; retry the request"
         self._drop(a)
 
 

@@ -249,3 +249,29 @@ def test_overflow_to_peer_when_local_slots_are_busy(mesh):
             "options": {"num_predict": 3, "local_only": True}})
         assert r3.status_code == 200
         assert r3.headers["x-qvac-served-by"] == mesh.ids["a"]  # waited for the local slot
+
+
+def test_cut_answer_with_no_peer_left_ends_in_an_error(mesh):
+    """The only provider dies mid-answer: the client's stream ends with an error event
+    naming it, never a finish_reason that passes a cut answer off as a finished one."""
+    small, big = small_and_big(mesh)
+    oai = openai.OpenAI(base_url=small.api + "/v1", api_key="x", max_retries=0, timeout=120)
+    stream = oai.completions.create(model=MODEL, prompt="1, 2, 3, 4, 5,", max_tokens=300,
+                                    temperature=0, stream=True)
+    pieces: list[str] = []
+    finish, cut = None, None
+    try:
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].text:
+                pieces.append(chunk.choices[0].text)
+            if chunk.choices and chunk.choices[0].finish_reason:
+                finish = chunk.choices[0].finish_reason
+            if len(pieces) == 10 and big.proc.poll() is None:
+                big.kill()  # SIGKILL: no goodbye, and no other peer holds the model
+    except openai.APIError as e:
+        cut = str(e)
+    assert finish is None, f"a cut answer ended with finish_reason {finish!r}"
+    assert cut is not None and "failed mid-answer" in cut and "\n" not in cut, cut
+    assert mesh.ids["desktop"][:16] in cut, cut
+    assert 10 <= len(pieces) < 300
+    assert small.status()["peer_id"] == mesh.ids["laptop"]  # the consumer lives on
