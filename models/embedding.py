@@ -46,6 +46,10 @@ POOLING_NONE, POOLING_MEAN, POOLING_CLS, POOLING_LAST, POOLING_RANK = 0, 1, 2, 3
 _POOLING_NAMES = {POOLING_MEAN: "mean", POOLING_CLS: "cls", POOLING_LAST: "last"}
 # Every input takes whole groups of this many batch rows (see the module docstring).
 PACK_ALIGN = 32
+# Rows per packed decode. Attention in one decode is computed over every row against
+# every row (masked per sequence, but computed), so one decode of 2048 rows costs ~16x
+# four of 512; more than 512 rows adds no parallelism on a CPU. A longer input is alone.
+PACK_ROWS = 512
 PROBE_TOLERANCE = 1e-6
 # Texts that drifted when packed unaligned (measured): the load-time probe packs them
 # behind fillers of odd lengths and wants exactly their vectors alone.
@@ -190,7 +194,8 @@ class EmbeddingRunner:
             gap = -len(toks) % PACK_ALIGN
             if len(toks) + gap > self.n_ctx:
                 gap = 0  # a whole-context input: always alone, so always the same
-            if rows and (rows + len(toks) + gap > self.n_ctx or seqs + 2 > n_seq_max):
+            if rows and (rows + len(toks) + gap > min(self.n_ctx, PACK_ROWS)
+                         or seqs + 2 > n_seq_max):
                 flush()
                 rows = seqs = 0
             batch.add_sequence(toks, seqs, True)
