@@ -68,12 +68,28 @@ def fmt_bytes(n: float) -> str:
 
 
 def gpu_offload_supported() -> bool:
+    """A GPU (or integrated GPU) device is there. llama_supports_gpu_offload alone is not
+    enough: it is also true for a build with the RPC backend (qvacd's split models),
+    which has no GPU here."""
     try:
         import llama_cpp
 
-        return bool(llama_cpp.llama_supports_gpu_offload())
+        if not llama_cpp.llama_supports_gpu_offload():  # also loads the backends
+            return False
     except Exception:
         return False
+    try:
+        import ctypes
+        from pathlib import Path
+
+        # the soname file, the copy libllama links (the wheel's libggml.so is another)
+        ggml = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml.so.0"))
+        ggml.ggml_backend_dev_by_type.restype = ctypes.c_void_p
+        ggml.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
+        gpu, igpu = 1, 2  # GGML_BACKEND_DEVICE_TYPE_GPU, _IGPU (ggml-backend.h)
+        return any(ggml.ggml_backend_dev_by_type(t) for t in (gpu, igpu))
+    except Exception:  # no ggml to ask (a build laid out otherwise): RPC alone is no GPU
+        return not llama_cpp.llama_supports_rpc()
 
 
 def default_memory_budget(share: float = 0.5) -> int:
