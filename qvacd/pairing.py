@@ -43,7 +43,7 @@ import trio
 from spake2 import SPAKE2_A, SPAKE2_B
 
 from peers.identity import short_peer_id
-from peers.trust import ROLES, TrustError, parse_roles
+from peers.trust import BASE_ROLES, ROLES, TrustError, parse_roles
 from protocol import (
     PAIR_LIMITS,
     PAIR_PROTOCOL,
@@ -232,7 +232,7 @@ class PairingService:
                      minutes: float = DEFAULT_MINUTES) -> Offer:
         """A new open offer; PairingError(bad_input|busy) if it cannot be made."""
         try:
-            granted = parse_roles(ROLES if roles is None else roles)
+            granted = parse_roles(BASE_ROLES if roles is None else roles)
         except ValueError as e:
             raise PairingError("bad_input", str(e)) from None
         if type(minutes) not in (int, float) or not 0 < minutes <= MAX_MINUTES:
