@@ -39,6 +39,11 @@ def setup_logging(level: str) -> None:
     _adopt_libp2p_logger()
     for noisy in NOISY_LOGGERS:  # libp2p and hypercorn are chatty at info
         logging.getLogger(noisy).setLevel(logging.NOTSET if level == "debug" else logging.WARNING)
+    # Some py-libp2p modules set their own logger to INFO at import (auto_connector: "initiating
+    # 200 new dials" every cycle), which would override the level held above: they inherit.
+    for name, lg in list(logging.root.manager.loggerDict.items()):
+        if name.startswith("libp2p.") and isinstance(lg, logging.Logger):
+            lg.setLevel(logging.NOTSET)
 
 
 def _adopt_libp2p_logger() -> None:

@@ -75,6 +75,22 @@ def test_libp2p_chatter_only_at_debug(restore_logging: None, capsys: pytest.Capt
     assert "level=error" in next(ln for ln in err.splitlines() if "background prune" in ln)
 
 
+def test_library_module_that_sets_its_own_level_is_held_too(
+        restore_logging: None, capsys: pytest.CaptureFixture[str]) -> None:
+    """py-libp2p's auto_connector sets its logger to INFO at import; at --log-level info
+    its per-cycle lines ("initiating 200 new dials") must not reach the log."""
+    import libp2p.network.auto_connector  # noqa: F401  (sets its level to INFO)
+
+    name = "libp2p.network.auto_connector"
+    logging.getLogger(name).setLevel(logging.INFO)  # as its import does
+    setup_logging("info")
+    logging.getLogger(name).info("Connections (0) below target (200); initiating 200 new dials")
+    assert "initiating 200 new dials" not in capsys.readouterr().err
+    setup_logging("debug")
+    logging.getLogger(name).info("Connections (0) below target (200); initiating 200 new dials")
+    assert "initiating 200 new dials" in capsys.readouterr().err
+
+
 class _ResetStream:
     """A stream whose peer reset it: every read and write raises what py-libp2p raises."""
 
