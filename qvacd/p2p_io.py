@@ -15,7 +15,15 @@ from typing import Any, Protocol
 
 import trio
 
-from protocol import DEFAULT_LIMITS, FrameDecoder, Limits, Message, encode_frame
+from protocol import (
+    DEFAULT_LIMITS,
+    ErrorCode,
+    FrameDecoder,
+    Limits,
+    Message,
+    ProtocolError,
+    encode_frame,
+)
 
 READ_SIZE = 64 * 1024
 # Bytes asked of the stream per read: larger means fewer awaits and yamux window updates
@@ -124,3 +132,33 @@ async def close_stream(stream: Stream, *, reset: bool = False) -> None:
 
 async def write_frame(stream: Stream, msg: Message, limits: Limits) -> None:
     await stream.write(encode_frame(msg, limits))
+
+
+# ---- provider-side helpers shared by the infer and embed services ----------------------
+
+
+def error_code(code: str) -> ErrorCode:
+    """An engine error's code as the wire's ErrorCode (unknown ones are INTERNAL)."""
+    try:
+        return ErrorCode(code.lower())
+    except ValueError:
+        return ErrorCode.INTERNAL
+
+
+async def cancel_on_inbound_close(io: FrameStream, scope: trio.CancelScope) -> None:
+    """The consumer sends nothing after its request: EOF, a reset or any frame ends it."""
+    try:
+        await io.recv()
+    except (StreamGone, ProtocolError):
+        pass
+    io.eof = True
+    scope.cancel()
+
+
+async def try_send(io: FrameStream, msg: Any) -> None:
+    """Best effort, within a second: the stream may already be gone."""
+    with trio.move_on_after(1):
+        try:
+            await io.send(msg)
+        except (StreamGone, ProtocolError):
+            pass

@@ -33,7 +33,7 @@ from protocol import (
     ProtocolError,
 )
 
-from ..p2p_io import FrameStream, StreamGone
+from ..p2p_io import FrameStream, StreamGone, cancel_on_inbound_close, error_code, try_send
 
 if TYPE_CHECKING:
     from ..metrics import Metrics
@@ -81,14 +81,14 @@ class EmbedService:
         except ProtocolError as e:
             outcome = "protocol"
             log.info("peer %s sent a bad embed frame: %s", short_peer_id(peer_id), e)
-            await _try_send(io, Error.from_exception(e))
+            await try_send(io, Error.from_exception(e))
         except Exception as e:
             if peer_ended_stream(e) is not None:
                 outcome = "gone"  # routine: contain_handler_errors logs one INFO line
                 raise
             log.exception("embed handler failed for peer %s; answered INTERNAL and closed"
                           " the stream", short_peer_id(peer_id))
-            await _try_send(io, Error(ErrorCode.INTERNAL, "provider error; try another peer"))
+            await try_send(io, Error(ErrorCode.INTERNAL, "provider error; try another peer"))
         finally:
             if self.metrics is not None:
                 self.metrics.peer_served.labels(peer_id, f"embed_{outcome}").inc()
@@ -134,7 +134,7 @@ class EmbedService:
 
                 async with trio.open_nursery() as nursery:
                     # The consumer closing or resetting its side gives up the request.
-                    nursery.start_soon(_cancel_on_inbound_close, io, nursery.cancel_scope)
+                    nursery.start_soon(cancel_on_inbound_close, io, nursery.cancel_scope)
                     nursery.start_soon(work)
                 if not done:
                     return "cancelled"
@@ -146,37 +146,12 @@ class EmbedService:
                 await io.send(EmbedDone(count=len(result.vectors),
                                         prompt_tokens=result.prompt_tokens))
             if deadline.cancelled_caught:
-                await _try_send(io, Error(ErrorCode.DEADLINE,
+                await try_send(io, Error(ErrorCode.DEADLINE,
                                           f"deadline of {msg.deadline_ms} ms passed"))
                 return "deadline"
             return "served"
         except EngineError as e:
-            await io.send(Error(_code(e.code), e.message, retry_after=e.retry_after))
+            await io.send(Error(error_code(e.code), e.message, retry_after=e.retry_after))
             return e.code.lower()
         finally:
             self.quota.active[peer] -= 1
-
-
-def _code(code: str) -> ErrorCode:
-    try:
-        return ErrorCode(code.lower())
-    except ValueError:
-        return ErrorCode.INTERNAL
-
-
-async def _cancel_on_inbound_close(io: FrameStream, scope: trio.CancelScope) -> None:
-    """The consumer sends nothing after its request: EOF, a reset or any frame ends it."""
-    try:
-        await io.recv()
-    except (StreamGone, ProtocolError):
-        pass
-    io.eof = True
-    scope.cancel()
-
-
-async def _try_send(io: FrameStream, msg: Any) -> None:
-    with trio.move_on_after(1):
-        try:
-            await io.send(msg)
-        except (StreamGone, ProtocolError):
-            pass

@@ -33,7 +33,7 @@ from protocol import (
 )
 
 from ..local_engine import LocalEngine
-from ..p2p_io import FrameStream, StreamGone
+from ..p2p_io import FrameStream, StreamGone, cancel_on_inbound_close, error_code, try_send
 
 if TYPE_CHECKING:
     from ..metrics import Metrics
@@ -96,7 +96,7 @@ class InferService:
         except ProtocolError as e:
             outcome = "protocol"
             log.info("peer %s sent a bad frame: %s", short_peer_id(peer_id), e)
-            await _try_send(io, Error.from_exception(e))
+            await try_send(io, Error.from_exception(e))
         except Exception as e:
             if peer_ended_stream(e) is not None:
                 # The consumer reset or closed the stream, or its connection died (also
@@ -107,7 +107,7 @@ class InferService:
                 raise
             log.exception("infer handler failed for peer %s; answered INTERNAL and closed the"
                           " stream", short_peer_id(peer_id))
-            await _try_send(io, Error(ErrorCode.INTERNAL, "provider error; try another peer"))
+            await try_send(io, Error(ErrorCode.INTERNAL, "provider error; try another peer"))
         finally:
             self._count(peer_id, outcome)
             if outcome in ("protocol", "unauthorized"):
@@ -157,7 +157,7 @@ class InferService:
                     await io.send(Accepted(queue_position=0,
                                            grammar=True if msg.grammar is not None else None))
                     async with trio.open_nursery() as nursery:
-                        nursery.start_soon(_cancel_on_inbound_close, io, nursery.cancel_scope)
+                        nursery.start_soon(cancel_on_inbound_close, io, nursery.cancel_scope)
                         async for piece in gen:
                             await io.send(Token(text=piece))
                             produced += 1
@@ -169,38 +169,13 @@ class InferService:
                                        completion_tokens=gen.result.completion_tokens))
                     produced = gen.result.completion_tokens
             if deadline.cancelled_caught:
-                await _try_send(io, Error(ErrorCode.DEADLINE, f"deadline of {msg.deadline_ms} ms"
+                await try_send(io, Error(ErrorCode.DEADLINE, f"deadline of {msg.deadline_ms} ms"
                                           " passed"))
                 return "deadline"
             return "served"
         except EngineError as e:
-            await io.send(Error(_code(e.code), e.message, retry_after=e.retry_after))
+            await io.send(Error(error_code(e.code), e.message, retry_after=e.retry_after))
             return e.code.lower()
         finally:
             self.quota.active[peer] -= 1
             self.quota.spend(peer, produced, time.monotonic())
-
-
-def _code(code: str) -> ErrorCode:
-    try:
-        return ErrorCode(code.lower())
-    except ValueError:
-        return ErrorCode.INTERNAL
-
-
-async def _cancel_on_inbound_close(io: FrameStream, scope: trio.CancelScope) -> None:
-    """The consumer sends nothing after its request: EOF, a reset or any frame ends it."""
-    try:
-        await io.recv()
-    except (StreamGone, ProtocolError):
-        pass
-    io.eof = True
-    scope.cancel()
-
-
-async def _try_send(io: FrameStream, msg: Any) -> None:
-    with trio.move_on_after(1):
-        try:
-            await io.send(msg)
-        except (StreamGone, ProtocolError):
-            pass
