@@ -1,7 +1,10 @@
 """A misbehaving provider for tests: a real libp2p node with a real signed capacity
 record that claims the default model (warm, fast, idle, so the router picks it first),
-then breaks mid-answer: `garbage` sends an undecodable frame after three tokens,
-`stall` goes silent after three tokens.
+that answers in one of three ways (MODE):
+- `garbage`: an undecodable frame after three tokens;
+- `stall`: silent after three tokens;
+- `grammar-blind`: as a qvacd from before InferRequest.grammar would: Accepted without
+  `grammar` (it never read the field), then free text (GRAMMAR_BLIND_TEXT) and Done.
 
     python tests/bad_provider.py DATA_DIR PORT MODE SHA256
 """
@@ -20,13 +23,18 @@ from peers.identity import load_or_create_identity  # noqa: E402
 from peers import PeerNetwork  # noqa: E402
 from peers.records import CapacityRecord, ModelInfo  # noqa: E402
 from peers.trust import TrustStore  # noqa: E402
-from protocol import INFER_PROTOCOL, Accepted, Token, encode_frame  # noqa: E402
+from protocol import (  # noqa: E402
+    INFER_PROTOCOL, Accepted, Done, FinishReason, Token, encode_frame)
 
 PIECES = [" 4", ",", " 5,"]
+GRAMMAR_BLIND_TEXT = "not JSON, because the grammar was never read"
+MODES = ("garbage", "stall", "grammar-blind")
 
 
 async def main() -> None:
     data_dir, port, mode, sha = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    if mode not in MODES:
+        raise SystemExit(f"bad_provider.py: MODE must be one of {', '.join(MODES)}, not {mode!r}")
     ident = load_or_create_identity(data_dir)
 
     def capacity() -> CapacityRecord:
@@ -40,6 +48,12 @@ async def main() -> None:
     async def handler(stream, peer: str) -> None:
         await stream.read(65536)  # the request; we do not care what it says
         await stream.write(encode_frame(Accepted(queue_position=0)))
+        if mode == "grammar-blind":
+            await stream.write(encode_frame(Token(text=GRAMMAR_BLIND_TEXT)))
+            await stream.write(encode_frame(Done(finish_reason=FinishReason.STOP,
+                                                 prompt_tokens=1, completion_tokens=9)))
+            await stream.close()
+            return
         for piece in PIECES:
             await stream.write(encode_frame(Token(text=piece)))
         if mode == "garbage":

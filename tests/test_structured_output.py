@@ -337,8 +337,8 @@ def test_provider_that_ignores_grammars_is_not_used_for_them(mesh, tmp_path):
     mesh.ids["old"] = old_id
     mesh.trust("laptop", "desktop", ALL)
     mesh.trust("desktop", "laptop", ALL)
-    old = subprocess.Popen([sys.executable, str(REPO / "tests" / "grammar_blind_provider.py"),
-                            str(old_dir), str(old_port), sha], cwd=REPO,
+    old = subprocess.Popen([sys.executable, str(REPO / "tests" / "bad_provider.py"),
+                            str(old_dir), str(old_port), "grammar-blind", sha], cwd=REPO,
                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         assert old.stdout.readline().strip() == "ready"
