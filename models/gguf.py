@@ -105,6 +105,10 @@ class GGUFInfo:
     # bytes of the repeating blocks' tensors (blk.N.*): what a split moves layer by layer;
     # the rest (embeddings, output) stays on the head
     block_tensor_bytes: int = 0
+    # (name, absolute file offset, bytes) of every tensor of a known type: where a split's
+    # worker that holds the same file reads a tensor instead of receiving it
+    tensor_extents: tuple[tuple[str, int, int], ...] = field(default=(), repr=False,
+                                                              compare=False)
 
     def kv_cache_bytes(self, n_ctx: int) -> int:
         """f16 K and V for every layer at n_ctx tokens (llama.cpp's default cache type)."""
@@ -236,9 +240,11 @@ def read_gguf(path: str | Path) -> GGUFInfo:
             meta[key] = r.value(r.u32())
         tensors: list[tuple[int, int, int]] = []  # (offset, elements, type)
         in_block: list[bool] = []  # blk.N.* tensors
+        names: list[str] = []
         n_params = 0
         for _ in range(n_tensors):
-            in_block.append(r.string().startswith("blk."))
+            names.append(r.string())
+            in_block.append(names[-1].startswith("blk."))
             n_dims = r.u32()
             if n_dims > _MAX_DIMS:
                 raise GGUFError(f"{path}: corrupt GGUF tensor info ({n_dims} dimensions)")
@@ -255,12 +261,14 @@ def read_gguf(path: str | Path) -> GGUFInfo:
     data_start = -(-header_end // alignment) * alignment
     data_end = data_start
     block_bytes = 0
-    for (offset, elements, ttype), is_block in zip(tensors, in_block, strict=True):
+    extents = []
+    for (offset, elements, ttype), is_block, name in zip(tensors, in_block, names, strict=True):
         block = _GGML_BLOCKS.get(ttype)
         if block is None:
             continue  # unknown quant type: cannot size it, llama.cpp will judge at load
         per, nbytes = block
         data_end = max(data_end, data_start + offset + -(-elements // per) * nbytes)
+        extents.append((name, data_start + offset, -(-elements // per) * nbytes))
         if is_block:
             block_bytes += -(-elements // per) * nbytes
     if data_end > file_size:
@@ -302,4 +310,5 @@ def read_gguf(path: str | Path) -> GGUFInfo:
         file_size=file_size,
         metadata={k: v for k, v in meta.items() if not isinstance(v, _ArrayLen)},
         block_tensor_bytes=block_bytes,
+        tensor_extents=tuple(extents),
     )

@@ -19,11 +19,19 @@ from ._embed import (
 from ._errors import ErrorCode, ProtocolError
 from ._framing import FrameDecoder, decode_frame, encode_frame, encode_varint
 from ._layers import (
+    FROM_FILE_MIN_DATA,
+    FROM_FILE_PREFIX,
     LAYERS_LIMITS,
     RPC_CMD_COUNT,
     RPC_CMD_HELLO,
+    RPC_CMD_SET_TENSOR,
+    RPC_CMD_SET_TENSOR_FROM_FILE,
     RPC_HELLO_SIZE,
+    RPC_TENSOR_SIZE,
     RpcCommandGuard,
+    SetTensor,
+    SetTensorScanner,
+    TensorFromFile,
 )
 from ._limits import (
     DEFAULT_LIMITS,
@@ -76,6 +84,8 @@ __all__ = [
     "EMBED_LIMITS",
     "EMBED_PROTOCOL",
     "INFER_PROTOCOL",
+    "FROM_FILE_MIN_DATA",
+    "FROM_FILE_PREFIX",
     "LAYERS_LIMITS",
     "LAYERS_PROTOCOL",
     "MAX_CHUNK_PIECE",
@@ -124,8 +134,14 @@ __all__ = [
     "ProtocolError",
     "RPC_CMD_COUNT",
     "RPC_CMD_HELLO",
+    "RPC_CMD_SET_TENSOR",
+    "RPC_CMD_SET_TENSOR_FROM_FILE",
     "RPC_HELLO_SIZE",
+    "RPC_TENSOR_SIZE",
     "RpcCommandGuard",
+    "SetTensor",
+    "SetTensorScanner",
+    "TensorFromFile",
     "StreamState",
     "Token",
     "decode_frame",

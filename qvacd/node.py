@@ -162,7 +162,7 @@ class Node:
         self.layers = LayersService(
             is_authorized=lambda peer: self.trust.is_trusted(peer, "layers"),
             offered=cfg.layers_memory, cache_dir=cfg.data_dir / "layer-cache",
-            holds_model=lambda sha: self.store.resolve(sha) is not None,
+            model_file=lambda sha: (e.path if (e := self.store.resolve(sha)) else None),
             n_threads=cfg.threads or 1, idle_timeout=float(cfg.layers_idle_timeout))
         self.layers.on_offence = network.offence
         self.layers.on_change = network.capacity_changed

@@ -150,7 +150,8 @@ class SplitInference:
             except LayerRefused as e:
                 raise EngineError("UNAVAILABLE", f"cannot split {entry.name}: {e}") from None
         a = _Active(entry.sha256, entry.name, plan,
-                    [LayerTunnel(self.network, peer, hello) for peer, hello in hellos.items()])
+                    [LayerTunnel(self.network, peer, hello, model_path=entry.path)
+                     for peer, hello in hellos.items()])
         t0 = time.monotonic()
         try:
             await self._nursery.start(self._hold, a, str(entry.path))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -288,6 +289,64 @@ async def test_untrusted_and_roleless_peers_are_refused_before_any_rpc_byte(spli
     # the worker still serves the head's split
     r = _complete(m.nodes["head"].api, 4)
     assert r.status_code == 200, r.text
+
+
+# ---- weights from the worker's own copy of the file ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bare_split_mesh(tmp_path_factory: pytest.TempPathFactory, model_template: Path):
+    """The same split, but the worker's store holds no model: every weight crosses."""
+    assert rpc_available(), REBUILD_HINT
+    m = Mesh(tmp_path_factory.mktemp("split-bare"), model_template)
+    m.add("head", *HEAD_ARGS)
+    m.add("worker", "--no-default-model", *WORKER_ARGS)
+    shutil.rmtree(m.root / "worker" / "models")
+    m.trust("worker", "head", ["layers"])
+    m.trust("head", "worker", ["provider"])
+    m.start("worker")
+    m.start("head", bootstrap=["worker"])
+    m.wait_peers("head", ["worker"], timeout=30)
+    yield m
+    m.stop_all()
+
+
+def _worker_layer_bytes(m: Mesh) -> int:
+    """Bytes of the blocks the plan puts on the worker (the last ones), from the GGUF."""
+    from models.gguf import read_gguf
+    from models.store import ModelStore
+
+    plan = httpx.get(m.nodes["head"].api + "/qvac/plan", params={"model": MODEL},
+                     timeout=30).json()
+    on_worker = {d["device"]: d["layers"] for d in plan["devices"]}[m.ids["worker"]]
+    first = plan["n_layers"] - on_worker
+    info = read_gguf(ModelStore(m.template).resolve(MODEL).path)
+    return sum(size for name, _, size in info.tensor_extents
+               if name.startswith("blk.") and int(name.split(".")[1]) >= first)
+
+
+def test_a_worker_holding_the_file_loads_its_layers_from_it(split_mesh, bare_split_mesh):
+    """The worker of `split_mesh` holds the model (by sha256, in its store): the weights of
+    its layers come from its own copy and the tunnel carries a small fraction of them.
+    The worker of `bare_split_mesh` holds nothing: every weight crosses. Same greedy text."""
+    held = _complete(split_mesh.nodes["head"].api).json()["choices"][0]["text"]
+    bare = _complete(bare_split_mesh.nodes["head"].api).json()["choices"][0]["text"]
+    layer_bytes = _worker_layer_bytes(split_mesh)
+    assert layer_bytes > 20 * 2**20  # 9 blocks of gemma3-270m Q4_K_M: about 33 MiB
+    assert held == bare and held.strip()
+    with_file = split_mesh.nodes["worker"].status()["layers"]
+    without = bare_split_mesh.nodes["worker"].status()["layers"]
+    print(f"tunnel bytes: {with_file['bytes_in']} with the file"
+          f" ({with_file['bytes_from_file']} read from it), {without['bytes_in']} without;"
+          f" {layer_bytes} bytes of layers on the worker")
+    # the load and every request so far, with the file, under a tenth of the layers' bytes
+    assert with_file["bytes_in"] < layer_bytes / 10, with_file
+    # the weights tensors of 64 KiB and more (all but the norms) were read from the file
+    assert with_file["bytes_from_file"] >= 0.95 * layer_bytes, with_file
+    assert with_file["bytes_from_file"] <= layer_bytes
+    # without it, every weight crossed the tunnel, none came from a file
+    assert without["bytes_in"] > layer_bytes and without["bytes_from_file"] == 0, without
+    assert not bare_split_mesh.nodes["worker"].status()["models"]
 
 
 # ---- faults (last: it kills the worker of the module's mesh) ------------------------------

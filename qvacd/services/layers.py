@@ -12,7 +12,12 @@ Order of checks, all before any RPC byte reaches a server:
 
 Then the head's RPC server process (`python -m qvacd.layer_worker`, one per head, on a
 loopback port, its memory capped at the grant), `LayersReady`, and the bytes pumped
-both ways, the head's side checked by `RpcCommandGuard`. The session ends on either side
+both ways, the head's side checked by `RpcCommandGuard`. When this node holds the model
+file the hello names (`model_file`), LayersReady says so and the head may send
+SET_TENSOR_FROM_FILE instead of a tensor's bytes: the guard checks its bounds, the bytes
+are read from our copy in a thread, their sha256 checked against the head's, and the RPC
+server gets the SET_TENSOR it stands for (a mismatch ends that session, not others).
+The session ends on either side
 closing, a bad command, or `idle_timeout` seconds without a byte; ggml's server frees
 that connection's buffers then. The process itself is ended SERVER_LINGER_S after its
 head's last session, and on shutdown (`run` belongs to the node's nursery).
@@ -21,7 +26,9 @@ head's last session, and on shutdown (`run` belongs to the node's nursery).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -43,6 +50,7 @@ from protocol import (
     LayersReady,
     ProtocolError,
     RpcCommandGuard,
+    TensorFromFile,
     encode_frame,
 )
 
@@ -117,12 +125,13 @@ class _Server:
 
 class LayersService:
     def __init__(self, *, is_authorized: Callable[[str], bool], offered: int,
-                 cache_dir: Path, holds_model: Callable[[str], bool], n_threads: int = 1,
+                 cache_dir: Path, model_file: Callable[[str], Path | None],
+                 n_threads: int = 1,
                  idle_timeout: float = 600.0, max_streams_per_peer: int = 2) -> None:
         self.is_authorized = is_authorized
         self.offered = offered
         self.cache_dir = cache_dir
-        self.holds_model = holds_model
+        self.model_file = model_file  # sha256 -> this node's verified copy, or None
         self.n_threads = max(1, n_threads)
         self.idle_timeout = idle_timeout
         self.max_streams_per_peer = max_streams_per_peer
@@ -130,6 +139,7 @@ class LayersService:
         self.sessions: dict[str, int] = defaultdict(int)
         self.bytes_in = 0  # head -> worker RPC bytes, all sessions (the tests count them)
         self.bytes_out = 0
+        self.bytes_from_file = 0  # tensor bytes read from our own model file instead
         self.server_pids: set[int] = set()
         self._servers: dict[str, _Server] = {}
         self.on_offence: Callable[[str, Any, str], object] = lambda kind, stream, peer: None
@@ -138,7 +148,8 @@ class LayersService:
     def status(self) -> dict[str, Any]:
         return {"offered": self.offered, "reserved": self.reserved,
                 "sessions": sum(self.sessions.values()), "bytes_in": self.bytes_in,
-                "bytes_out": self.bytes_out, "server_pids": sorted(self.server_pids)}
+                "bytes_out": self.bytes_out, "bytes_from_file": self.bytes_from_file,
+                "server_pids": sorted(self.server_pids)}
 
     @property
     def free(self) -> int:
@@ -231,11 +242,27 @@ class LayersService:
                 ErrorCode.TOO_LARGE, f"{_mib(hello.memory)} asked for layers, {_mib(self.free)}"
                 f" of the {_mib(self.offered)} offered here is free"))
             return "refused"
-        holds = self.holds_model(hello.model_sha256) if hello.model_sha256 else False
-        ready = LayersReady(*ours, memory=hello.memory, holds_model=holds)
+        path = self.model_file(hello.model_sha256) if hello.model_sha256 else None
         if hello.probe:
-            await _send(stream, ready)
+            await _send(stream, LayersReady(*ours, memory=hello.memory,
+                                            holds_model=path is not None))
             return "ok"
+        model_fd = None
+        if path is not None:
+            try:
+                model_fd = os.open(path, os.O_RDONLY)
+            except OSError as e:
+                log.warning("cannot open our copy of %s (%s): the head %s sends the weights",
+                            hello.model_sha256[:12], e, short_peer_id(peer))
+        try:
+            return await self._place(stream, peer, hello, LayersReady(
+                *ours, memory=hello.memory, holds_model=model_fd is not None), model_fd)
+        finally:
+            if model_fd is not None:
+                os.close(model_fd)
+
+    async def _place(self, stream: Stream, peer: str, hello: LayersHello, ready: LayersReady,
+                     model_fd: int | None) -> str:
         try:
             server = await self._server_for(peer, hello.memory)
         except _Busy as e:
@@ -248,7 +275,7 @@ class LayersService:
                 await _send(stream, ready)
                 log.info("layer session of %s: %s granted, RPC server pid %d",
                          short_peer_id(peer), _mib(server.memory), server.proc.pid)
-                return await self._pump(stream, tcp, peer, server.memory)
+                return await self._pump(stream, tcp, peer, server.memory, model_fd)
         finally:
             server.sessions -= 1
             server.idle_since = trio.current_time()
@@ -317,8 +344,9 @@ class LayersService:
         self.on_change()
 
     async def _pump(self, stream: Stream, tcp: trio.SocketStream, peer: str,
-                    granted: int) -> str:
-        guard = RpcCommandGuard(max_command=granted)
+                    granted: int, model_fd: int | None) -> str:
+        guard = RpcCommandGuard(max_command=granted, file_size=None if model_fd is None
+                                else os.fstat(model_fd).st_size)
         idle = trio.CancelScope(deadline=trio.current_time() + self.idle_timeout)
         result = "ok"
 
@@ -327,19 +355,26 @@ class LayersService:
 
         async def head_to_server() -> None:
             nonlocal result
-            while True:
-                data = await read_some(stream)
-                if not data:
-                    break
-                try:
-                    guard.feed(data)
-                except ProtocolError as e:
-                    log.warning("layer session of %s ended: %s", short_peer_id(peer), e)
-                    result = "protocol"  # the stream is reset: RPC bytes cannot carry an Error
-                    break
-                self.bytes_in += len(data)
-                touch()
-                await tcp.send_all(data)
+            try:
+                while True:
+                    data = await read_some(stream)
+                    if not data:
+                        break
+                    items = guard.feed(data)
+                    self.bytes_in += len(data)
+                    touch()
+                    for item in items:
+                        if isinstance(item, TensorFromFile):
+                            assert model_fd is not None  # the guard refuses it otherwise
+                            tensor = await trio.to_thread.run_sync(_read_tensor, model_fd, item)
+                            await tcp.send_all(item.set_tensor_header())
+                            await tcp.send_all(tensor)
+                            self.bytes_from_file += item.size
+                        else:
+                            await tcp.send_all(item)
+            except ProtocolError as e:
+                log.warning("layer session of %s ended: %s", short_peer_id(peer), e)
+                result = "protocol"  # the stream is reset: RPC bytes cannot carry an Error
             nursery.cancel_scope.cancel()
 
         async def server_to_head() -> None:
@@ -360,6 +395,21 @@ class LayersService:
             log.info("layer session of %s idle for %.0f s; ended it", short_peer_id(peer),
                      self.idle_timeout)
         return result
+
+
+def _read_tensor(fd: int, t: TensorFromFile) -> bytes:
+    """The bytes SET_TENSOR_FROM_FILE names, from our copy, if they are what the head
+    hashed (blocking: run in a thread). ProtocolError otherwise."""
+    data = os.pread(fd, t.size, t.file_offset)
+    if len(data) != t.size:
+        raise ProtocolError(ErrorCode.PROTOCOL, f"SET_TENSOR_FROM_FILE reads past the end of"
+                            f" the model file ({len(data)} of {t.size} bytes at"
+                            f" {t.file_offset})")
+    if hashlib.sha256(data).digest() != t.sha256:
+        raise ProtocolError(ErrorCode.PROTOCOL, f"SET_TENSOR_FROM_FILE: the {t.size} bytes at"
+                            f" file offset {t.file_offset} do not have the sha256 the head"
+                            " sent")
+    return data
 
 
 def _listening(port: int) -> bool:
