@@ -801,3 +801,176 @@ def test_protocol_imports_none_of_the_other_packages() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == ""
+
+
+# --- SET_TENSOR_FROM_FILE: the one RPC command of qvacd's own on /qvac/layers ------------------
+
+from protocol import (  # this section's own names
+    FROM_FILE_MIN_DATA,
+    FROM_FILE_PREFIX,
+    RPC_CMD_SET_TENSOR,
+    RPC_CMD_SET_TENSOR_FROM_FILE,
+    RPC_TENSOR_SIZE,
+    RpcCommandGuard,
+    SetTensor,
+    SetTensorScanner,
+    TensorFromFile,
+)
+
+RPC_VECTORS = doc_blocks("qvac-rpc-vector")
+RPC_INVALID = doc_blocks("qvac-rpc-invalid")
+RPC_HELLO_CMD = bytes([14]) + (24).to_bytes(8, "little") + bytes(24)
+SET_HEAD = RPC_TENSOR_SIZE + 1 + 8  # rpc_tensor | cache_flag | offset
+MiB = 2**20
+
+
+def _rpc(cmd: int, payload: bytes) -> bytes:
+    return bytes([cmd]) + len(payload).to_bytes(8, "little") + payload
+
+
+def _set_tensor(data: bytes, name: bytes = b"t") -> bytes:
+    return _rpc(RPC_CMD_SET_TENSOR, name.ljust(RPC_TENSOR_SIZE, b"\0") + b"\0" + bytes(8) + data)
+
+
+def test_rpc_vectors_are_in_the_doc() -> None:
+    assert len(RPC_VECTORS) == 1 and len(RPC_INVALID) >= 3
+
+
+@pytest.mark.parametrize("title,fields", RPC_VECTORS, ids=[t for t, _ in RPC_VECTORS])
+def test_set_tensor_from_file_vector(title: str, fields: dict[str, str]) -> None:
+    command = bytes.fromhex(fields["command"])
+    assert command[0] == RPC_CMD_SET_TENSOR_FROM_FILE == 0xF0
+    assert int.from_bytes(command[1:9], "little") == len(command) - 9 == 353
+    t = TensorFromFile.from_payload(command[9:])
+    assert t.file_offset == int(fields["file_offset"]) and t.size == int(fields["data_size"])
+    assert t.sha256.hex() == fields["sha256"] and b"blk.9.attn_q.weight\0" in t.head
+    assert t.encode() == command
+    # what the worker's RPC server gets: the SET_TENSOR it stands for, then the data
+    assert t.set_tensor_header() == (bytes([RPC_CMD_SET_TENSOR])
+                                     + (SET_HEAD + t.size).to_bytes(8, "little")
+                                     + command[9:9 + SET_HEAD])
+    for cut in range(1, len(command)):  # however the bytes arrive
+        g = RpcCommandGuard(max_command=200 * MiB, file_size=2**31)
+        out = g.feed(RPC_HELLO_CMD + command[:cut]) + g.feed(command[cut:])
+        assert out == [RPC_HELLO_CMD, t] and g.commands == 2
+
+
+@pytest.mark.parametrize("title,fields", RPC_INVALID, ids=[t for t, _ in RPC_INVALID])
+def test_set_tensor_from_file_invalid(title: str, fields: dict[str, str]) -> None:
+    command = bytes.fromhex(RPC_VECTORS[0][1]["command"] if fields["command"] ==
+                            "the vector above" else fields["command"])
+    size = None if fields["file_size"] == "none" else int(fields["file_size"])
+    g = RpcCommandGuard(max_command=200 * MiB, file_size=size)
+    assert g.feed(RPC_HELLO_CMD) == [RPC_HELLO_CMD]
+    with pytest.raises(ProtocolError) as info:
+        g.feed(command)
+    assert info.value.code is ErrorCode(fields["error"])
+    assert info.value.message == fields["reason"]
+    with pytest.raises(ProtocolError):  # and the session stays failed
+        g.feed(b"")
+
+
+def test_set_tensor_from_file_within_the_grant() -> None:
+    t = TensorFromFile(bytes(SET_HEAD), 0, 1000, bytes(32))
+    g = RpcCommandGuard(max_command=SET_HEAD + 999, file_size=10_000)
+    with pytest.raises(ProtocolError) as info:
+        g.feed(RPC_HELLO_CMD + t.encode())
+    assert info.value.code is ErrorCode.TOO_LARGE and "granted" in info.value.message
+    ok = RpcCommandGuard(max_command=SET_HEAD + 1000, file_size=1000)
+    assert ok.feed(RPC_HELLO_CMD + t.encode()) == [RPC_HELLO_CMD, t]
+
+
+@pytest.mark.parametrize("kwargs", [{"head": bytes(304)}, {"size": 0}, {"file_offset": -1},
+                                    {"sha256": bytes(31)}])
+def test_tensor_from_file_fields_are_checked(kwargs: dict[str, Any]) -> None:
+    base = {"head": bytes(SET_HEAD), "file_offset": 0, "size": 1, "sha256": bytes(32)}
+    with pytest.raises(ProtocolError):
+        TensorFromFile(**{**base, **kwargs})
+
+
+def test_scanner_passes_small_commands_at_once_and_unchanged() -> None:
+    """Nothing but a candidate SET_TENSOR is held: a command is out in the same feed."""
+    big = _set_tensor(b"w" * FROM_FILE_MIN_DATA)
+    s = SetTensorScanner(lambda size, prefix: False, max_hold=16 * MiB)
+    for cmd in (RPC_HELLO_CMD, _rpc(10, b"g" * 5000), _set_tensor(b"a" * 2560), big,
+                _rpc(8, b"q" * 40)):
+        assert s.feed(cmd) == [cmd]
+    # a big SET_TENSOR that is not the file's streams once its first data bytes are seen
+    start = 9 + SET_HEAD + FROM_FILE_PREFIX
+    assert s.feed(big[:start]) == [big[:start]]
+    assert s.feed(big[start:]) == [big[start:]]
+    assert s.held == 0
+
+
+def test_scanner_holds_a_candidate_whole_and_nothing_else() -> None:
+    data = bytes(range(256)) * (FROM_FILE_MIN_DATA // 256 + 1)
+    seen: list[tuple[int, bytes]] = []
+
+    def candidate(size: int, prefix: bytes) -> bool:
+        seen.append((size, prefix))
+        return prefix == data[:FROM_FILE_PREFIX]
+
+    s = SetTensorScanner(candidate, max_hold=16 * MiB)
+    cmd = _set_tensor(data)
+    assert s.feed(RPC_HELLO_CMD + cmd[:1000]) == [RPC_HELLO_CMD]
+    assert s.feed(cmd[1000:-1]) == []
+    tail = _rpc(10, b"g" * 30)
+    out = s.feed(cmd[-1:] + tail)
+    assert out == [SetTensor(cmd), tail] and seen == [(len(data), data[:FROM_FILE_PREFIX])]
+    assert out[0].head == cmd[9:9 + SET_HEAD] and bytes(out[0].data) == data
+    # over max_hold, or under the minimum: not held
+    s = SetTensorScanner(candidate, max_hold=len(cmd) - 10)
+    assert s.feed(cmd) == [cmd]
+    s = SetTensorScanner(candidate, max_hold=16 * MiB, min_data=len(data) + 1)
+    assert s.feed(cmd) == [cmd]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cuts=st.lists(st.integers(min_value=1, max_value=4000), min_size=1, max_size=40),
+       seed=st.integers(min_value=0, max_value=2**32 - 1))
+def test_head_and_worker_together_rebuild_the_exact_stream(cuts: list[int], seed: int) -> None:
+    """Scanner (head) + index + guard (worker) + the worker's file: the RPC server gets
+    byte for byte what llama.cpp sent, however the stream is cut, and the network
+    carries a fraction of it."""
+    import hashlib
+    import random
+
+    rnd = random.Random(seed)
+    tensors = [rnd.randbytes(FROM_FILE_MIN_DATA + rnd.randrange(3000)) for _ in range(4)]
+    model = bytearray(rnd.randbytes(100))
+    where: dict[tuple[int, bytes], list[int]] = {}
+    for t in tensors:
+        where.setdefault((len(t), t[:FROM_FILE_PREFIX]), []).append(len(model))
+        model += t
+    activations = rnd.randbytes(FROM_FILE_MIN_DATA + 7)  # big, but in no file
+    same_prefix = tensors[0][:FROM_FILE_PREFIX] + rnd.randbytes(len(tensors[0]) - 16)
+    stream = b"".join([RPC_HELLO_CMD, _rpc(0, bytes(8)), *(_set_tensor(t) for t in tensors),
+                       _set_tensor(b"n" * 2560), _set_tensor(activations),
+                       _set_tensor(same_prefix), _rpc(10, rnd.randbytes(9000))])
+
+    scanner = SetTensorScanner(lambda size, prefix: (size, prefix) in where, max_hold=MiB)
+    guard = RpcCommandGuard(max_command=MiB, file_size=len(model))
+    wire, server = 0, bytearray()
+    pos = 0
+    for cut in [*cuts, len(stream)]:
+        piece, pos = stream[pos:pos + cut], pos + cut
+        if not piece:
+            break
+        for item in scanner.feed(piece):
+            if isinstance(item, SetTensor):
+                data = bytes(item.data)
+                found = [o for o in where.get((len(data), data[:FROM_FILE_PREFIX]), [])
+                         if model[o:o + len(data)] == data]
+                item = (TensorFromFile(item.head, found[0], len(data),
+                                       hashlib.sha256(data).digest()).encode()
+                        if found else item.command)
+            wire += len(item)
+            for out in guard.feed(item):
+                if isinstance(out, TensorFromFile):
+                    read = bytes(model[out.file_offset:out.file_offset + out.size])
+                    assert hashlib.sha256(read).digest() == out.sha256
+                    server += out.set_tensor_header() + read
+                else:
+                    server += out
+    assert bytes(server) == stream
+    assert scanner.held == 5 and wire < len(stream) - sum(map(len, tensors)) + 4 * 400
