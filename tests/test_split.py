@@ -349,6 +349,80 @@ def test_a_worker_holding_the_file_loads_its_layers_from_it(split_mesh, bare_spl
     assert not bare_split_mesh.nodes["worker"].status()["models"]
 
 
+def test_model_file_index_finds_the_files_tensors_and_nothing_else(model_template: Path):
+    import hashlib
+
+    from models.gguf import read_gguf
+    from models.store import ModelStore
+    from protocol import SetTensor
+    from qvacd.layer_tunnel import ModelFileIndex
+
+    path = ModelStore(model_template).resolve(MODEL).path
+    extents = read_gguf(path).tensor_extents
+    index = ModelFileIndex(path)
+    try:
+        assert len(index) == sum(1 for _, _, size in extents if size >= 64 * 1024)
+        name, offset, size = next(e for e in extents if e[0] == "blk.9.attn_q.weight")
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+        head = b"h" * 305
+        command = bytes([6]) + (305 + size).to_bytes(8, "little") + head + data
+        assert index.is_candidate(size, data[:16])
+        found = index.find(SetTensor(command))
+        assert found is not None and found.head == head
+        assert (found.file_offset, found.size) == (offset, size)
+        assert found.sha256 == hashlib.sha256(data).digest()
+        changed = data[:-1] + bytes([data[-1] ^ 1])  # same size and prefix, one bit off
+        assert index.find(SetTensor(command[:-1] + changed[-1:])) is None
+        assert not index.is_candidate(size, b"\xff" * 16)
+    finally:
+        index.close()
+
+
+async def test_set_tensor_from_file_is_checked_by_the_worker(split_mesh):
+    """A raw head with the layers role: SET_TENSOR_FROM_FILE on a session whose worker
+    holds no file for it, a digest that is not the file's, or a range past the file's end
+    resets that session with a one-line reason; the worker serves the real head after."""
+    from models.gguf import read_gguf
+    from models.store import ModelStore
+    from peers.identity import Identity
+    from peers.trust import TrustStore
+    from protocol import LayersHello, LayersReady, TensorFromFile, encode_frame
+
+    m = split_mesh
+    worker = m.nodes["worker"]
+    addr, wid = m.addr("worker"), m.ids["worker"]
+    entry = ModelStore(m.template).resolve(MODEL)
+    _, offset, size = next(e for e in read_gguf(entry.path).tensor_extents
+                           if e[0] == "blk.0.attn_q.weight")
+    layered = Identity.generate()
+    TrustStore.in_dir(worker.data_dir).add(layered.peer_id_str, ["layers"])
+    await trio.sleep(1.5)  # the daemon re-reads trust.json within a second
+    before = _layers(worker)
+    cases = [
+        (LayersHello(7, 0, 0, 1 << 20), False, TensorFromFile(bytes(305), offset, size,
+                                                               bytes(32)),
+         "SET_TENSOR_FROM_FILE on a session whose worker did not say it holds the model"),
+        (LayersHello(7, 0, 0, 1 << 20, entry.sha256), True,
+         TensorFromFile(bytes(305), offset, size, bytes(32)),
+         f"the {size} bytes at file offset {offset} do not have the sha256 the head sent"),
+        (LayersHello(7, 0, 0, 1 << 20, entry.sha256), True,
+         TensorFromFile(bytes(305), entry.size - 10, 100, bytes(32)),
+         f"reads bytes {entry.size - 10}..{entry.size + 90} of a {entry.size}-byte file"),
+    ]
+    for hello, holds, command, reason in cases:
+        msg, reset = await _raw_layers(addr, wid, layered, encode_frame(hello),
+                                       after_ready=RPC_HELLO + command.encode())
+        assert isinstance(msg, LayersReady) and msg.holds_model is holds and reset, msg
+        lines = [ln for ln in worker.log().splitlines() if reason in ln]
+        assert len(lines) == 1 and "layer session of" in lines[0], reason
+    after = _layers(worker)
+    assert after["bytes_from_file"] == before["bytes_from_file"]  # nothing reached a server
+    r = _complete(m.nodes["head"].api, 4)
+    assert r.status_code == 200, r.text
+
+
 # ---- faults (last: it kills the worker of the module's mesh) ------------------------------
 
 
