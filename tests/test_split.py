@@ -362,7 +362,7 @@ def test_model_file_index_finds_the_files_tensors_and_nothing_else(model_templat
     index = ModelFileIndex(path)
     try:
         assert len(index) == sum(1 for _, _, size in extents if size >= 64 * 1024)
-        name, offset, size = next(e for e in extents if e[0] == "blk.9.attn_q.weight")
+        _, offset, size = next(e for e in extents if e[0] == "blk.9.attn_q.weight")
         with open(path, "rb") as f:
             f.seek(offset)
             data = f.read(size)
