@@ -316,19 +316,22 @@ class RemoteInference:
                 return None
             cand = cands[0]
             tried.add(cand.peer_id)
-            await self._ensure_fresh(cand.peer_id)
+            await self.ensure_fresh(cand.peer_id)
             wire = self._wire_request(req, req.resume, max_tokens,
                                       int((deadline - time.monotonic()) * 1000))
             try:
                 return await self._open(cand.peer_id, wire)
             except PeerFailed as e:
-                self._failed(e)
+                self.note_failure(e)
                 refusals.append(f"{e.peer[:12]}…: {e.reason}")
                 if e.refused is not None and e.refused.code == ErrorCode.BUSY:
                     busy.append(max(1.0, e.refused.retry_after or 1.0))
         return None
 
-    async def _ensure_fresh(self, peer: str) -> None:
+    # Shared with RemoteEmbedder: one rule for when a peer's record is re-asked and how a
+    # failure counts against it, whatever the peer was asked to do.
+    async def ensure_fresh(self, peer: str) -> None:
+        """Re-ask `peer` for its capacity (at most 1 s) when its record is stale."""
         entry = self.network.table.get(peer)
         if entry is not None and entry.is_fresh(CONNECTED_FRESH_S if entry.connected else FRESH_S):
             return
@@ -336,8 +339,10 @@ class RemoteInference:
             with contextlib.suppress(Exception):
                 await self.network.fetch_capacity(peer)
 
-    def _failed(self, e: PeerFailed) -> None:
-        log.info("peer %s failed: %s", e.peer[:16], e.reason)
+    def note_failure(self, e: PeerFailed, what: str = "a request") -> None:
+        """Count `e` against its peer: a failure (not a refusal other than INTERNAL or
+        PROTOCOL) in the table, back-off for misbehaviour, the per-peer metric."""
+        log.info("peer %s failed %s: %s", short_peer_id(e.peer), what, e.reason)
         table = self.network.table
         if e.refused is None or e.refused.code in (ErrorCode.INTERNAL, ErrorCode.PROTOCOL):
             table.record_failure(e.peer, e.reason)
@@ -366,7 +371,7 @@ class RemoteInference:
                         self.metrics.peer_requests.labels(attempt.peer, "served").inc()
                     return
                 except PeerFailed as e:
-                    self._failed(e)
+                    self.note_failure(e)
                     if self.metrics is not None:
                         self.metrics.failovers.inc()
                     # Token frames carry about one token each: the dead peer's share.
@@ -390,7 +395,7 @@ class RemoteInference:
                     try:
                         nxt = await self._open(peer, wire)
                     except PeerFailed as e2:
-                        self._failed(e2)
+                        self.note_failure(e2)
                 if nxt is None:
                     log.warning("peer %s failed mid-answer and no peer is left to resume %s"
                                 " after %d characters; ended the client's stream with"

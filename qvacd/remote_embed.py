@@ -16,7 +16,6 @@ none left the client gets one line saying the peers holding the model are too ol
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Set as AbstractSet
@@ -40,7 +39,7 @@ from protocol import (
     ProtocolError,
 )
 
-from .delegation import CONNECTED_FRESH_S, FRESH_S, MISBEHAVIOUR_BACKOFF_S, PeerFailed
+from .delegation import PeerFailed
 from .p2p_io import FrameStream, StreamGone
 
 if TYPE_CHECKING:
@@ -83,7 +82,7 @@ class RemoteEmbedder:
                 break
             peer = cands[0].peer_id
             tried.add(peer)
-            await self._ensure_fresh(peer)
+            await self.remote.ensure_fresh(peer)
             req = EmbedRequest(model=model, inputs=tuple(inputs), truncate=truncate,
                                deadline_ms=max(1, int((deadline - time.monotonic()) * 1000)))
             try:
@@ -107,7 +106,7 @@ class RemoteEmbedder:
                 if self.metrics is not None:
                     self.metrics.peer_requests.labels(peer, "served").inc()
                 return result, peer
-            self._failed(e)
+            self.remote.note_failure(e, "an embedding")
             if e.refused is not None and e.refused.code == ErrorCode.BAD_REQUEST:
                 raise EngineError(BAD_REQUEST, e.refused.message)
             refusals.append(f"{short_peer_id(peer)}: {e.reason}")
@@ -166,25 +165,6 @@ class RemoteEmbedder:
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 await io.reset()  # done or not, nothing more is wanted on this stream
-
-    async def _ensure_fresh(self, peer: str) -> None:
-        entry = self.network.table.get(peer)
-        if entry is not None and entry.is_fresh(CONNECTED_FRESH_S if entry.connected else FRESH_S):
-            return
-        with trio.move_on_after(1.0):
-            with contextlib.suppress(Exception):
-                await self.network.fetch_capacity(peer)
-
-    def _failed(self, e: PeerFailed) -> None:
-        log.info("peer %s failed an embedding: %s", short_peer_id(e.peer), e.reason)
-        table = self.network.table
-        if e.refused is None or e.refused.code in (ErrorCode.INTERNAL, ErrorCode.PROTOCOL):
-            table.record_failure(e.peer, e.reason)
-        entry = table.get(e.peer)
-        if e.misbehaved and entry is not None:
-            entry.backoff_until = max(entry.backoff_until, time.time() + MISBEHAVIOUR_BACKOFF_S)
-        if self.metrics is not None:
-            self.metrics.peer_requests.labels(e.peer, "refused" if e.refused else "failed").inc()
 
 
 class _LacksProtocol(Exception):
