@@ -10,7 +10,15 @@ Four ways to run gemma3-270m, greedy, same prompt, 1 thread per process:
 Reported: tokens/s and TTFT (median of rounds), split/anchor ratio (goal >= 0.8), the
 first-request load time of the split, and whether the texts agree.
 
+Load time (`compare_load`, first): the split's first token of its first request, with the
+worker holding the model file (its weights read from its own copy: SET_TENSOR_FROM_FILE)
+and without (a worker whose store is empty: every weight crosses the tunnel), two more
+head + worker pairs whose head dials its worker through bench/shaped_link.py at each
+`--load-links` speed (0: loopback as is); interleaved, heads restarted for every load;
+both times, their ratio and the bytes carried.
+
     python bench/split.py [--rounds 3] [--max-tokens 64] [--llama-bin DIR]
+                          [--load-rounds 2] [--load-links 0,100]
 
 llama-server and ggml-rpc-server come from the llama-cpp-python sdist's vendored tree,
 built with -DGGML_RPC=ON (docs in ../shared/llama-cpp-batching-and-rpc.md); without them
@@ -23,6 +31,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -36,7 +45,8 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.harness import clone_data_dir, temporary_mesh, Daemon  # noqa: E402
+from bench.shaped_link import ShapedLink
+from tests.harness import Daemon, Mesh, clone_data_dir, temporary_mesh  # noqa: E402
 
 PROMPT = "Here is a long story about a dragon who learned to cook. Once upon a time,"
 MODEL = "gemma3-270m"
@@ -138,6 +148,11 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--llama-bin", type=Path, default=DEFAULT_BIN)
+    ap.add_argument("--load-rounds", type=int, default=2,
+                    help="split first loads with and without the worker holding the file"
+                         " (0: none)")
+    ap.add_argument("--load-links", default="0,100",
+                    help="link speeds in Mbit/s for the load comparison (0: loopback)")
     a = ap.parse_args()
     rows: dict[str, list[tuple[str, float, float]]] = {}
     with temporary_mesh("qvacd-split-bench-") as m:
@@ -153,6 +168,9 @@ def main() -> int:
         whole = Daemon(clone_data_dir(m.template, m.root / "whole"), "--no-p2p",
                        "--ctx-size", CTX, "--threads", "1").start()
         try:
+            if a.load_rounds > 0:
+                compare_load(m.root / "load", m.template, a.load_rounds,
+                             [float(x) for x in a.load_links.split(",")])
             head = m.nodes["head"]
             t0 = time.monotonic()
             qvacd_stream(head.api, PROMPT, 2)
@@ -181,6 +199,96 @@ def main() -> int:
             whole.stop()
     _report(rows)
     return 0
+
+
+HEAD_ARGS = ("--memory-budget", "300MiB", "--ctx-size", CTX, "--threads", "1")
+WORKER_ARGS = ("--memory-budget", "300MiB", "--layers-memory", "200MiB", "--ctx-size", CTX,
+               "--threads", "1")
+
+
+def _wait_plan(m: Mesh, timeout: float = 120) -> None:
+    """Until the head can plan a split with its worker (a restarted head's worker frees the
+    old grant when its RPC server process has lingered SERVER_LINGER_S)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            r = httpx.get(m.nodes["head"].api + "/qvac/plan", params={"model": MODEL},
+                          timeout=10)
+            if r.status_code == 200 and any(d["device"] == m.ids["worker"] and d["layers"]
+                                            for d in r.json()["devices"]):
+                return
+        time.sleep(0.5)
+    raise SystemExit(f"no split plan with the worker within {timeout:.0f} s")
+
+
+def _load_mesh(root: Path, template: Path, *, holds_file: bool) -> tuple[Mesh, ShapedLink]:
+    """A head and a worker (holding the model file or not) whose head reaches the worker
+    only through a ShapedLink."""
+    m = Mesh(root, template)
+    m.add("head", *HEAD_ARGS)
+    if holds_file:
+        m.add("worker", *WORKER_ARGS)
+    else:
+        m.add("worker", "--no-default-model", *WORKER_ARGS)
+        shutil.rmtree(m.root / "worker" / "models")
+    m.trust("worker", "head", ["layers"])
+    m.trust("head", "worker", ["provider"])
+    m.start("worker")
+    link = ShapedLink(m.ports["worker"])
+    head = m.nodes["head"]
+    head.args += ["--bootstrap", f"/ip4/127.0.0.1/tcp/{link.port}/p2p/{m.ids['worker']}"]
+    m.start("head")
+    m.wait_peers("head", ["worker"], timeout=30)
+    return m, link
+
+
+def compare_load(root: Path, template: Path, rounds: int, links_mbit: list[float]) -> None:
+    """Split load time (first token of the first request) with the worker holding the
+    model file and without, each head dialling its worker through a ShapedLink at each
+    of `links_mbit` (0: loopback speed); interleaved, heads restarted for every load."""
+    built: dict[str, tuple[Mesh, ShapedLink]] = {}
+    times: dict[tuple[float, str], list[float]] = {}
+    carried: dict[tuple[float, str], tuple[int, int, int]] = {}
+    try:
+        for name in ("held", "bare"):
+            built[name] = _load_mesh(root / name, template, holds_file=name == "held")
+        n = 0
+        for r in range(rounds):
+            for mbit in links_mbit:
+                if n:  # a first load again: restart both heads
+                    for m, _ in built.values():
+                        m.nodes["head"].stop()
+                        m.nodes["head"].start()
+                for m, link in built.values():
+                    link.rate = mbit * 1e6 / 8 if mbit else None
+                    _wait_plan(m)
+                for name in (("held", "bare") if n % 2 == 0 else ("bare", "held")):
+                    m, link = built[name]
+                    worker = m.nodes["worker"]
+                    before, via = worker.status()["layers"], link.carried
+                    _, _, ttft = qvacd_stream(m.nodes["head"].api, PROMPT, 2)
+                    after = worker.status()["layers"]
+                    times.setdefault((mbit, name), []).append(ttft)
+                    carried[(mbit, name)] = (
+                        after["bytes_in"] - before["bytes_in"],
+                        after["bytes_from_file"] - before["bytes_from_file"],
+                        link.carried - via)
+                n += 1
+    finally:
+        for m, link in built.values():
+            m.stop_all()
+            link.close()
+    for mbit in links_mbit:
+        where = f"{mbit:g} Mbit/s link" if mbit else "loopback"
+        med = {}
+        for name, what in (("held", "worker holds the file"), ("bare", "worker has no file")):
+            net, from_file, via = carried[(mbit, name)]
+            med[name] = statistics.median(times[(mbit, name)])
+            print(f"split load, {where}, {what}: first token {med[name]:.2f} s (rounds:"
+                  f" {', '.join(f'{t:.2f}' for t in times[(mbit, name)])});"
+                  f" {net / 2**20:.1f} MiB of RPC to the worker ({via / 2**20:.1f} MiB through"
+                  f" the link both ways), {from_file / 2**20:.1f} MiB read from its file")
+        print(f"split load, {where}: without / with the file {med['bare'] / med['held']:.2f}x")
 
 
 def _rounds(a: argparse.Namespace, rows: dict, whole_api: str, head_api: str,

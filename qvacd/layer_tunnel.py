@@ -146,8 +146,8 @@ class ModelFileIndex:
         return (size, prefix) in self._where
 
     def find(self, st: SetTensor) -> TensorFromFile | None:
-        data = st.data
-        for offset in self._where.get((len(data), bytes(data[:FROM_FILE_PREFIX])), ()):
+        data = bytes(st.data)  # bytes == bytes is a memcmp; against a memoryview, 10x slower
+        for offset in self._where.get((len(data), data[:FROM_FILE_PREFIX]), ()):
             if os.pread(self._fd, len(data), offset) == data:
                 return TensorFromFile(st.head, offset, len(data), hashlib.sha256(data).digest())
         return None
