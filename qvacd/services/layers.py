@@ -253,7 +253,7 @@ class LayersService:
                 model_fd = os.open(path, os.O_RDONLY)
             except OSError as e:
                 log.warning("cannot open our copy of %s (%s): the head %s sends the weights",
-                            hello.model_sha256[:12], e, short_peer_id(peer))
+                            path, e, short_peer_id(peer))
         try:
             return await self._place(stream, peer, hello, LayersReady(
                 *ours, memory=hello.memory, holds_model=model_fd is not None), model_fd)
