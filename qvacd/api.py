@@ -195,14 +195,8 @@ def openai_completion_format(model: str, include_usage: bool) -> Format:
         return _sse(base([{"text": piece, "index": 0, "logprobs": None, "finish_reason": None}]))
 
     def final(r: GenerationResult, served_by: list[str]) -> bytes:
-        last = base([{"text": "", "index": 0, "logprobs": None, "finish_reason": _finish(r)}])
-        last["x_qvac_served_by"] = served_by
-        out = _sse(last)
-        if include_usage:
-            u = base([])
-            u["usage"] = _usage(r)
-            out += _sse(u)
-        return out + b"data: [DONE]\n\n"
+        return _sse_end(base, {"text": "", "index": 0, "logprobs": None,
+                               "finish_reason": _finish(r)}, r, served_by, include_usage)
 
     def whole(text: str, r: GenerationResult, served_by: list[str]) -> dict[str, Any]:
         d = base([{"text": text, "index": 0, "logprobs": None, "finish_reason": _finish(r)}])
@@ -211,6 +205,20 @@ def openai_completion_format(model: str, include_usage: bool) -> Format:
         return d
 
     return Format("text/event-stream", chunk, final, whole)
+
+
+def _sse_end(base: Callable[[list[dict[str, Any]]], dict[str, Any]], last_choice: dict[str, Any],
+             r: GenerationResult, served_by: list[str], include_usage: bool) -> bytes:
+    """An OpenAI stream's end: the finishing chunk (naming who served it), the usage chunk
+    when stream_options.include_usage asked for it, then [DONE]."""
+    last = base([last_choice])
+    last["x_qvac_served_by"] = served_by
+    out = _sse(last)
+    if include_usage:
+        u = base([])
+        u["usage"] = _usage(r)
+        out += _sse(u)
+    return out + b"data: [DONE]\n\n"
 
 
 def openai_chat_format(model: str, include_usage: bool) -> Format:
@@ -229,14 +237,8 @@ def openai_chat_format(model: str, include_usage: bool) -> Format:
                            "finish_reason": None}]))
 
     def final(r: GenerationResult, served_by: list[str]) -> bytes:
-        last = base([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": _finish(r)}])
-        last["x_qvac_served_by"] = served_by
-        out = _sse(last)
-        if include_usage:
-            u = base([])
-            u["usage"] = _usage(r)
-            out += _sse(u)
-        return out + b"data: [DONE]\n\n"
+        return _sse_end(base, {"index": 0, "delta": {}, "logprobs": None,
+                               "finish_reason": _finish(r)}, r, served_by, include_usage)
 
     def whole(text: str, r: GenerationResult, served_by: list[str]) -> dict[str, Any]:
         return {"id": cid, "object": "chat.completion", "created": created, "model": model,
