@@ -62,6 +62,16 @@ class FrameStream:
                 raise StreamGone(f"stream closed while sending: {type(e).__name__}") from e
             raise
 
+    async def send_all(self, msgs: list[Message]) -> None:
+        """Several messages in one write: one yamux frame and one encryption for all
+        (each still its own length-prefixed frame on the wire)."""
+        try:
+            await self.stream.write(b"".join(encode_frame(m, self.limits) for m in msgs))
+        except Exception as e:
+            if _is_stream_error(e):
+                raise StreamGone(f"stream closed while sending: {type(e).__name__}") from e
+            raise
+
     async def recv(self) -> Message | None:
         """The next message; None at a clean end of stream. ProtocolError on garbage."""
         while True:

@@ -193,6 +193,36 @@ async def test_probe_is_answered_at_its_pace(tmp_path: Path) -> None:
         await stream.reset()
 
 
+async def test_probe_stays_quiet_while_frames_flow(tmp_path: Path) -> None:
+    """Frames every 50 ms (a 20 tokens/s stream) prove the path alive: after the first
+    pong the probe sends no more pings (the old probe sent 4/s regardless); once the
+    frames stop, pings resume at their pace and the quiet path is not judged dead."""
+    async with pair(tmp_path) as (consumer, provider):
+        async def idle(stream, peer: str) -> None:  # type: ignore[no-untyped-def]
+            await trio.sleep(10)
+
+        provider.set_stream_handler("/qvac-test/idle/1", idle)
+        stream = await consumer.open_stream(provider.peer_id_str, "/qvac-test/idle/1",
+                                            timeout=5, first=b"")
+        async with consumer.watch_path(stream) as probe:
+            with trio.fail_after(5):
+                while not probe.working:
+                    probe.saw_traffic()
+                    await trio.sleep(0.05)
+            first = probe.pongs
+            for _ in range(40):  # 2 s of frames
+                probe.saw_traffic()
+                await trio.sleep(0.05)
+            flowing = probe.pongs - first
+            await trio.sleep(1.5)
+            assert not probe.dead
+            quiet = probe.pongs - first - flowing
+        # a loaded machine may stretch one 50 ms sleep past the ping interval: allow 2
+        assert flowing <= 2, flowing
+        assert quiet >= 3, quiet  # 4/s while nothing else is heard
+        await stream.reset()
+
+
 async def test_ping_flood_is_rate_limited_and_scored(tmp_path: Path) -> None:
     """A peer nobody trusts pinging flat out: answered for the burst, then its stream
     is reset and the guard scores it."""
