@@ -405,11 +405,11 @@ async def test_set_tensor_from_file_is_checked_by_the_worker(split_mesh):
                                                                bytes(32)),
          "SET_TENSOR_FROM_FILE on a session whose worker did not say it holds the model"),
         (LayersHello(7, 0, 0, 1 << 20, entry.sha256), True,
-         TensorFromFile(bytes(305), offset, size, bytes(32)),
-         f"the {size} bytes at file offset {offset} do not have the sha256 the head sent"),
-        (LayersHello(7, 0, 0, 1 << 20, entry.sha256), True,
          TensorFromFile(bytes(305), entry.size - 10, 100, bytes(32)),
          f"reads bytes {entry.size - 10}..{entry.size + 90} of a {entry.size}-byte file"),
+        (LayersHello(7, 0, 0, 1 << 20, entry.sha256), True,
+         TensorFromFile(bytes(305), offset, size, bytes(32)),
+         f"the {size} bytes at file offset {offset} do not have the sha256 the head sent"),
     ]
     for hello, holds, command, reason in cases:
         msg, reset = await _raw_layers(addr, wid, layered, encode_frame(hello),
@@ -419,6 +419,12 @@ async def test_set_tensor_from_file_is_checked_by_the_worker(split_mesh):
         assert len(lines) == 1 and "layer session of" in lines[0], reason
     after = _layers(worker)
     assert after["bytes_from_file"] == before["bytes_from_file"]  # nothing reached a server
+    # after a digest that did not match, that head is not offered the copy again (damaged
+    # or not, its next load sends the bytes); the module's own head still is
+    msg, _ = await _raw_layers(addr, wid, layered, encode_frame(cases[-1][0]),
+                               after_ready=RPC_HELLO + bytes([200]) + bytes(8))  # then end it
+    assert isinstance(msg, LayersReady) and msg.holds_model is False
+    assert "its next load gets the weights over the network" in worker.log()
     r = _complete(m.nodes["head"].api, 4)
     assert r.status_code == 200, r.text
 

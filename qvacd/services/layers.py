@@ -142,6 +142,10 @@ class LayersService:
         self.bytes_from_file = 0  # tensor bytes read from our own model file instead
         self.server_pids: set[int] = set()
         self._servers: dict[str, _Server] = {}
+        # (head, sha256) whose SET_TENSOR_FROM_FILE did not match our copy: that head gets
+        # no holds_model for it again (our copy may be damaged, or the head lies; either
+        # way its next load sends the bytes, and other heads are not affected)
+        self._copy_refused: set[tuple[str, str]] = set()
         self.on_offence: Callable[[str, Any, str], object] = lambda kind, stream, peer: None
         self.on_change: Callable[[], None] = lambda: None  # the free offer changed
 
@@ -242,7 +246,8 @@ class LayersService:
                 ErrorCode.TOO_LARGE, f"{_mib(hello.memory)} asked for layers, {_mib(self.free)}"
                 f" of the {_mib(self.offered)} offered here is free"))
             return "refused"
-        path = self.model_file(hello.model_sha256) if hello.model_sha256 else None
+        sha = hello.model_sha256
+        path = self.model_file(sha) if sha and (peer, sha) not in self._copy_refused else None
         if hello.probe:
             await _send(stream, LayersReady(*ours, memory=hello.memory,
                                             holds_model=path is not None))
@@ -275,7 +280,8 @@ class LayersService:
                 await _send(stream, ready)
                 log.info("layer session of %s: %s granted, RPC server pid %d",
                          short_peer_id(peer), _mib(server.memory), server.proc.pid)
-                return await self._pump(stream, tcp, peer, server.memory, model_fd)
+                return await self._pump(stream, tcp, peer, server.memory, model_fd,
+                                        hello.model_sha256)
         finally:
             server.sessions -= 1
             server.idle_since = trio.current_time()
@@ -344,7 +350,7 @@ class LayersService:
         self.on_change()
 
     async def _pump(self, stream: Stream, tcp: trio.SocketStream, peer: str,
-                    granted: int, model_fd: int | None) -> str:
+                    granted: int, model_fd: int | None, sha: str | None) -> str:
         guard = RpcCommandGuard(max_command=granted, file_size=None if model_fd is None
                                 else os.fstat(model_fd).st_size)
         idle = trio.CancelScope(deadline=trio.current_time() + self.idle_timeout)
@@ -366,7 +372,18 @@ class LayersService:
                     for item in items:
                         if isinstance(item, TensorFromFile):
                             assert model_fd is not None  # the guard refuses it otherwise
-                            tensor = await trio.to_thread.run_sync(_read_tensor, model_fd, item)
+                            try:
+                                tensor = await trio.to_thread.run_sync(_read_tensor, model_fd,
+                                                                       item)
+                            except ProtocolError:
+                                assert sha is not None
+                                self._copy_refused.add((peer, sha))
+                                log.warning("head %s sent a SET_TENSOR_FROM_FILE that our copy"
+                                            " of %s does not match; its next load gets the"
+                                            " weights over the network (if our copy is"
+                                            " damaged, delete and pull the model again)",
+                                            short_peer_id(peer), sha[:12])
+                                raise
                             await tcp.send_all(item.set_tensor_header())
                             await tcp.send_all(tensor)
                             self.bytes_from_file += item.size
