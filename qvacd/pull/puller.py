@@ -35,6 +35,7 @@ from models.store import ModelEntry, ModelStore, StoreError, normalize_name
 
 from .download import Download
 from .errors import TRANSIENT, AllFailed, Busy, ManifestFalse, PeerFault, PullError, one_error
+from .lanes import LanePlan
 from .metrics import pull_metrics
 from .options import PullOptions
 from .relay_plan import CircuitView, RelayPlan, RelayPlanner
@@ -624,6 +625,11 @@ class Puller:
         inflight = trio.Semaphore(opts.max_inflight)
         scopes: dict[str, trio.CancelScope] = {}
         plans = {} if plans is None else plans
+        # how many lanes each provider runs: see lanes.py
+        lanes = LanePlan([p for p in providers if p not in dl.dropped],
+                         start_lanes=opts.streams_per_provider,
+                         max_per_provider=opts.streams_per_provider,
+                         max_total=opts.max_inflight, now=time.monotonic())
 
         def notify() -> None:
             changed[0].set()
@@ -631,22 +637,35 @@ class Puller:
 
         def drop(peer: str, reason: str, kind: str) -> None:
             self._drop(dl, peer, reason, kind)
+            lanes.drop(peer)
             if peer in scopes:
                 scopes[peer].cancel()
             notify()
 
-        async def worker(peer: str, busy_since: list[float | None], strikes: list[float]
-                         ) -> None:
+        async def worker(peer: str, slot: int, busy_since: list[float | None],
+                         strikes: list[float]) -> None:
             lane = ChunkLane()  # one stream to `peer`, kept for chunk after chunk
             try:
-                await fetch_from(peer, busy_since, strikes, lane)
+                await fetch_from(peer, slot, busy_since, strikes, lane)
             finally:
                 with trio.CancelScope(shield=True):
                     await lane.close()
 
-        async def fetch_from(peer: str, busy_since: list[float | None], strikes: list[float],
-                             lane: ChunkLane) -> None:
+        async def fetch_from(peer: str, slot: int, busy_since: list[float | None],
+                             strikes: list[float], lane: ChunkLane) -> None:
+            def arrived(n: int) -> None:
+                lanes.delivered(peer, n)
+
             while left:
+                if slot >= lanes.lanes(peer):
+                    if peer in dl.dropped:
+                        return
+                    # Not wanted now (lanes.py): the stream goes, the lane waits to be.
+                    if lane.stream is not None:
+                        await lane.close()
+                    with trio.move_on_after(1.0):
+                        await changed[0].wait()
+                    continue
                 if not pending:
                     with trio.move_on_after(1.0):
                         await changed[0].wait()  # a chunk may come back if its peer fails
@@ -659,11 +678,13 @@ class Puller:
                     # chunk. Its chunks in flight finish; the others take the rest.
                     pending.appendleft(index)
                     self._drop(dl, peer, why, "relay_limit")
+                    lanes.drop(peer)
                     notify()
                     return
                 try:
                     async with inflight:
-                        pieces = await self.shard.fetch_chunk(peer, manifest, index, lane)
+                        pieces = await self.shard.fetch_chunk(peer, manifest, index, lane,
+                                                              arrived)
                         good = await trio.to_thread.run_sync(partial.store_chunk, index, pieces)
                         # Book-keeping with no checkpoint in between: a cancel arriving now
                         # must not put a stored chunk back in the queue.
@@ -728,16 +749,30 @@ class Puller:
                 dl.sources.add(peer)
                 try:
                     async with trio.open_nursery() as nursery:
-                        for _ in range(opts.streams_per_provider):
-                            nursery.start_soon(worker, peer, busy_since, strikes)
+                        for slot in range(opts.streams_per_provider):
+                            nursery.start_soon(worker, peer, slot, busy_since, strikes)
                 finally:
                     dl.sources.discard(peer)
 
+        async def steer() -> None:
+            while True:
+                await trio.sleep(0.25)
+                if lanes.tick(time.monotonic()):
+                    plog.debug("pull of %s: lanes now %s (%.1f MB/s in the last window)",
+                               dl.name, lanes.want, lanes.last_rate / 1e6)
+                    notify()
+
         with one_error():
-            async with trio.open_nursery() as nursery:
-                for peer in providers:
-                    if peer not in dl.dropped:
-                        nursery.start_soon(provider, peer)
+            async with trio.open_nursery() as outer:
+                outer.start_soon(steer)
+                async with trio.open_nursery() as nursery:
+                    for peer in providers:
+                        if peer not in dl.dropped:
+                            nursery.start_soon(provider, peer)
+                outer.cancel_scope.cancel()
+        plog.info("pull of %s: lanes at the end %s; %d added lane(s) kept, %d taken back as"
+                  " they added no rate", dl.name,
+                  {p[-8:]: n for p, n in lanes.want.items()}, lanes.kept, lanes.taken_back)
         if left:
             detail = "; ".join(f"{p}: {r}" for p, r in dl.dropped.items()) or "none answered"
             raise AllFailed(502, f"every provider of {dl.name} failed with {len(left)} of"

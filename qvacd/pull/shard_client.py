@@ -15,6 +15,7 @@ a whole answer is reset, so the seeder sees the request was abandoned.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import trio
@@ -134,29 +135,31 @@ class ShardClient:
             return msg
 
     async def fetch_chunk(self, peer: str, manifest: Manifest, index: int,
-                          lane: ChunkLane | None = None) -> list[bytes]:
+                          lane: ChunkLane | None = None,
+                          on_bytes: Callable[[int], None] | None = None) -> list[bytes]:
         """The sub-frames of chunk `index`, their lengths checked (the puller checks the
         hash). Busy when the provider asks us to come back later. With a `lane`, the
         request goes on its open stream when it has one, and the stream stays open for
-        the next chunk after a whole answer."""
+        the next chunk after a whole answer. `on_bytes(n)` hears of each sub-frame as it
+        arrives (the puller's rate measurement, finer than whole chunks)."""
         lane = lane or ChunkLane()
         try:
             if lane.stream is not None:
                 try:
-                    return await self._fetch_chunk(peer, manifest, index, lane)
+                    return await self._fetch_chunk(peer, manifest, index, lane, on_bytes)
                 except _EndedBeforeAnswer:
                     # The provider closed the idle stream, or takes one request per
                     # stream (then this lane stops reusing): ask again on a fresh one.
                     if lane.served <= 1:
                         lane.reuse = False
                     lane.drop()
-            return await self._fetch_chunk(peer, manifest, index, lane)
+            return await self._fetch_chunk(peer, manifest, index, lane, on_bytes)
         finally:
             if not lane.reuse:
                 await lane.close()
 
-    async def _fetch_chunk(self, peer: str, manifest: Manifest, index: int, lane: ChunkLane
-                           ) -> list[bytes]:
+    async def _fetch_chunk(self, peer: str, manifest: Manifest, index: int, lane: ChunkLane,
+                           on_bytes: Callable[[int], None] | None) -> list[bytes]:
         opts = self.options
         length = manifest.chunk_length(index)
         request = ChunkRequest(sha256=manifest.sha256, index=index)
@@ -219,6 +222,8 @@ class ShardClient:
                         raise PeerFault(f"sent more than the {length} bytes of chunk {index}",
                                         "protocol")
                     pieces.append(msg.data)
+                    if on_bytes is not None:
+                        on_bytes(len(msg.data))
             if whole.cancelled_caught:
                 raise PeerFault(f"too slow: chunk {index} took over {deadline:.0f} s", "stall")
             if state.received != length:
