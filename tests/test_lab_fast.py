@@ -179,6 +179,35 @@ def test_refuses_plainly_without_root_or_ip(monkeypatch: pytest.MonkeyPatch) -> 
     assert run.main(["--fast"]) == 2
 
 
+def test_bridge_plane_without_netem_is_skipped_in_one_line(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Asked for the bridge + tc netem plane on a kernel without sch_netem, the lab says
+    so in one line with the reason and builds nothing (exit 2: nothing it was asked for
+    can run here)."""
+    from bench.lab import run
+
+    why = "this kernel has no sch_netem (probe said: Specified qdisc kind is unknown)"
+    monkeypatch.setattr(netns, "preflight", lambda: None)
+    monkeypatch.setattr(netns, "netem_missing", lambda: why)
+    built: list[str] = []
+    monkeypatch.setattr(netns, "cleanup_stale", lambda *a, **k: built.append("cleanup"))
+    assert run.main(["--plane", "bridge", "--scenarios", "discovery"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"qvac lab: plane bridge skipped: {why}"], err
+    assert not built and not _leftovers(os.getpid())
+
+
+def test_netem_probe_names_the_reason_or_nothing() -> None:
+    """On this kernel: None where `tc ... netem` works, else a line naming tc's answer."""
+    try:
+        netns.preflight()
+    except netns.LabError as e:
+        pytest.skip(f"mesh lab: {e}")
+    why = netns.netem_missing()
+    assert why is None or ("sch_netem" in why and "modprobe sch_netem" in why
+                           and "\n" not in why), why
+
+
 def _dead_pid() -> int:
     while True:
         pid = 4_000_000 + secrets.randbelow(190_000)

@@ -76,8 +76,9 @@ def preflight() -> None:
                        " Linux host or a privileged container") from e
 
 
-def netem_available() -> bool:
-    """Whether this kernel has sch_netem (probed on a dummy link in a throwaway namespace)."""
+def netem_missing() -> str | None:
+    """None if this kernel has sch_netem, else why not, in one line (probed with
+    `tc qdisc add ... netem` on a dummy link, else loopback, in a throwaway namespace)."""
     try:
         with namespaces.throwaway_namespace(f"{PREFIX}{os.getpid()}netem",
                                             error=LabError) as probe:
@@ -89,9 +90,19 @@ def netem_available() -> bool:
                 nsexec(probe, "ip", "link", "set", "lo", "up", check=False)
                 r = nsexec(probe, "tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay",
                            "1ms", check=False)
-            return r.returncode == 0
-    except LabError:
-        return False
+            if r.returncode == 0:
+                return None
+            said = " ".join((r.stderr or r.stdout or "").split())[:120]
+            return (f"this kernel has no sch_netem (`tc qdisc add ... netem` in a namespace:"
+                    f" {said or f'exit {r.returncode}'}); load it with `modprobe sch_netem`"
+                    " or use --plane switch")
+    except LabError as e:
+        return f"cannot probe sch_netem: {e}"
+
+
+def netem_available() -> bool:
+    """Whether this kernel has sch_netem."""
+    return netem_missing() is None
 
 
 def tun_available() -> bool:
@@ -189,9 +200,8 @@ class Lan:
         if self.plane == "switch" and not tun_available():
             raise LabError("this kernel has no sch_netem and no /dev/net/tun: the lab cannot"
                            " inject latency here; load sch_netem (modprobe sch_netem)")
-        if self.plane == "bridge" and not netem_available():
-            raise LabError("this kernel has no sch_netem (tc qdisc netem): load it with"
-                           " `modprobe sch_netem` or run with --plane switch")
+        if self.plane == "bridge" and (why := netem_missing()) is not None:
+            raise LabError(f"plane bridge skipped: {why}")
         for ns in self.ns:
             self.spaces.add(ns)
         if self.plane == "bridge":

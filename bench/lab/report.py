@@ -114,12 +114,18 @@ def _num(text: str) -> float | None:
         return None
 
 
+def _span(text: str | None) -> tuple[float | None, float | None]:
+    """"12–80" -> (12.0, 80.0); (None, None) when absent."""
+    lo, _, hi = (text or "").partition("–")
+    return _num(lo), _num(hi)
+
+
 def write_ttft_chart(path: Path, results: list[Result]) -> str | None:
     """Delegated minus local TTFT against RTT, with each row's bound and issue 16's
     1.3 RTT + 15 ms line; None when drawn, else why not."""
     rows = [row for r in results if r.name == "delegation" for row in r.rows]
     pts = [(_num(row.get("RTT ms")), _num(row.get("TTFT delta ms")), _num(row.get("bound ms")),
-            row.get("network", "")) for row in rows]
+            row.get("network", ""), _span(row.get("delta spread ms"))) for row in rows]
     pts = [p for p in pts if p[0] is not None and p[1] is not None]
     if not pts:
         return "the delegation scenario did not run"
@@ -134,14 +140,17 @@ def write_ttft_chart(path: Path, results: list[Result]) -> str | None:
     top = max(p[0] for p in pts) * 1.1 + 10
     ax.plot([0, top], [15, 1.3 * top + 15], "--", color="C3", label="1.3 × RTT + 15 ms")
     ax.plot([0, top], [0, top], ":", color="grey", label="1 × RTT")
-    for rtt, delta, bound, name in pts:
+    for rtt, delta, bound, name, (lo, hi) in pts:
         ax.scatter([rtt], [delta], color="C0", zorder=3)
+        if lo is not None and hi is not None:  # the per-pair spread around the median
+            ax.errorbar([rtt], [delta], yerr=[[max(0.0, delta - lo)], [max(0.0, hi - delta)]],
+                        color="C0", capsize=3, lw=0.8, zorder=3)
         ax.annotate(f"{name}: {delta:.0f} ms", (rtt, delta), textcoords="offset points",
                     xytext=(6, -10), fontsize=7)
         if bound is not None:
             ax.scatter([rtt], [bound], marker="_", s=200, color="C1", zorder=2)
     ax.scatter([], [], marker="_", s=200, color="C1", label="this row's bound")
-    ax.scatter([], [], color="C0", label="delegated − local TTFT (median)")
+    ax.scatter([], [], color="C0", label="delegated − local TTFT (median of pairs, min–max)")
     ax.set_xlabel("round-trip time between the two hosts, ms")
     ax.set_ylabel("TTFT delta, ms")
     ax.set_title("delegated TTFT over local against RTT", fontsize=10)

@@ -30,10 +30,11 @@ from bench.lab.nodes import Lab
 from bench.lab.report import machine_meta, write_chart, write_markdown, write_ttft_chart
 from bench.lab.scenarios import SCENARIOS, Impair, Options, Result, say
 from bench.lab.pull_capped import CAPPED_SCENARIOS
+from bench.lab.split_scenario import SPLIT_SCENARIOS, write_split_chart
 
 REPO = Path(__file__).resolve().parent.parent.parent
 # scenarios in their own modules join the list after the ones in scenarios.py
-SCENARIOS = {**SCENARIOS, **CAPPED_SCENARIOS}
+SCENARIOS = {**SCENARIOS, **CAPPED_SCENARIOS, **SPLIT_SCENARIOS}
 FAST = ["discovery", "failover"]
 
 
@@ -57,6 +58,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     help="copy the daemons' logs here at the end (default: only when a"
                          " scenario failed, to /tmp/qvac-lab-logs-PID)")
     ap.add_argument("--churn-seconds", type=float, default=None)
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="delegation: measured local/delegated pairs per network condition"
+                         " (default 8; --fast 2)")
     ap.add_argument("--threads", type=int, default=1,
                     help="llama.cpp threads per daemon (default 1: the daemons share this"
                          " machine's cores; 0 = all cores each)")
@@ -82,6 +86,8 @@ def options(args: argparse.Namespace) -> Options:
         opt.delegation_conditions = [Impair(0), Impair(20, 5, 1)]
     if args.churn_seconds:
         opt.churn_s = args.churn_seconds
+    if args.rounds:
+        opt.rounds = args.rounds
     return opt
 
 
@@ -147,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     except LabError as e:
         print(f"qvac lab: {e}", file=sys.stderr)
         return 2
+    if args.plane == "bridge" and (why := netns.netem_missing()) is not None:
+        # asked for the netem plane by name: nothing of it can run here; say why, once
+        print(f"qvac lab: plane bridge skipped: {why}", file=sys.stderr)
+        return 2
     netns.cleanup_stale()
     work = Path(tempfile.mkdtemp(prefix="qvac-lab-"))
     extra = 1 if "hostile" in args.scenario_list else 0
@@ -210,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"qvac lab: chart not drawn: {why}", file=sys.stderr)
         ttft_chart = args.chart.with_name(args.chart.stem + "-ttft-rtt.png")
         figures = {} if write_ttft_chart(ttft_chart, results) else {"delegation": ttft_chart}
+        split_chart = args.chart.with_name(args.chart.stem + "-split-rtt.png")
+        if not write_split_chart(split_chart, results):
+            figures["split"] = split_chart
         write_markdown(args.report, results, meta, None if why else args.chart, figures)
         say("\n| scenario | result | figures |\n|---|---|---|")
         for r in results:
