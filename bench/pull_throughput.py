@@ -1,13 +1,16 @@
 """Model pull throughput on loopback, side by side in one run: qvacd pulling the 253 MB
 default model from 1, 2 and 3 seeders (real daemons, libp2p TCP + Noise + yamux), against
 a plain HTTP download of the same file (`python -m http.server` and a streaming httpx
-client writing it to disk). Rounds are interleaved so machine noise hits all alike.
+client writing it to disk). Rounds are interleaved, and every other round runs in the
+reverse order, so machine noise (and whatever runs just after the HTTP download) hits
+all alike.
 
-    python bench/pull_throughput.py [--rounds 3] [--streams 4] [--chunk-size 4MiB]
+    python bench/pull_throughput.py [--rounds 3] [--counts 1,3] [--streams 4] [--chunk-size 4MiB]
 
 A pull's time runs from the request to "success": manifest fetch, every chunk's sha256,
 fsyncs, and the final whole-file sha256 included. The HTTP download only writes the file.
-Prints MB/s (10^6 bytes/s) per round, the median, and each pull's ratio to HTTP.
+Prints MB/s (10^6 bytes/s) per round with the round's ratio of the most seeders to one,
+the medians, each pull's ratio to HTTP, and CPU seconds per pull (puller; seeders).
 """
 
 from __future__ import annotations
@@ -129,10 +132,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seeders", type=int, default=3, help="pull from 1..N seeders")
+    ap.add_argument("--counts", default="", help="only these seeder counts, e.g. 1,3"
+                    " (default: 1..N)")
     ap.add_argument("--streams", type=int, default=0, help="streams per provider (0: default)")
     ap.add_argument("--chunk-size", default="", help="seeders' manifest chunk size, e.g. 8MiB")
     ap.add_argument("--keep", action="store_true", help="keep the data dirs and daemon logs")
     args = ap.parse_args()
+    counts = sorted({int(c) for c in args.counts.split(",") if c.strip()}) \
+        or list(range(1, args.seeders + 1))
+    if counts[0] != 1 or counts[-1] > args.seeders:
+        ap.error(f"--counts must start at 1 and stay within --seeders {args.seeders}")
 
     from models.manifest import build_manifest, save_manifest
     from models.store import ModelStore, install_default_model
@@ -161,20 +170,20 @@ def main() -> int:
                 (s.dir / "models" / "manifests").mkdir(exist_ok=True)
                 shutil.copy(template / "models" / "manifests" / f"{entry.sha256}.msgpack",
                             s.dir / "models" / "manifests")
-        pullers = [Node(root, f"puller{n}", model=None, env=env)
-                   for n in range(1, args.seeders + 1)]
+        by_count = {n: Node(root, f"puller{n}", model=None, env=env) for n in counts}
+        pullers = list(by_count.values())
         nodes = seeders + pullers
-        for n, p in enumerate(pullers, start=1):
+        for n, p in by_count.items():
             for s in seeders[:n]:  # puller n trusts, and so uses, exactly n seeders
                 TrustStore.in_dir(s.dir).add(p.id, ["seeder"])
                 TrustStore.in_dir(p.dir).add(s.id, ["provider"])
         for s in seeders:
             s.start([])
-        for n, p in enumerate(pullers, start=1):
+        for n, p in by_count.items():
             p.start(seeders[:n])
         for node in nodes:
             wait_http(node.api + "/qvac/status")
-        for n, p in enumerate(pullers, start=1):
+        for n, p in by_count.items():
             wait_holders(p, seeders[:n])
         http_port = free_port()
         httpd = subprocess.Popen(
@@ -190,26 +199,38 @@ def main() -> int:
             pull_once(p)
 
         results: dict[str, list[float]] = {"http": []}
-        results.update({f"pull x{n}": [] for n in range(1, args.seeders + 1)})
+        results.update({f"pull x{n}": [] for n in counts})
+        most = counts[-1]
         print(f"model {MODEL}: {size / 1e6:.1f} MB, {args.rounds} rounds, chunk size"
               f" {args.chunk_size or 'default'}, streams/provider {args.streams or 'default'}")
         cpu: dict[str, list[tuple[float, float]]] = {k: [] for k in results if k != "http"}
+        ratios: list[float] = []
         for rnd in range(1, args.rounds + 1):
-            dt, n = http_once(http_port, blob, root / "http.download")
-            assert n == size
-            results["http"].append(size / dt / 1e6)
-            row = [f"http {size / dt / 1e6:7.1f}"]
-            for n_seeders, p in enumerate(pullers, start=1):
+            order: list[int] = [0, *counts]  # 0: the HTTP download
+            if rnd % 2 == 0:
+                order.reverse()
+            row: dict[int, str] = {}
+            for n_seeders in order:
+                if n_seeders == 0:
+                    dt, n = http_once(http_port, blob, root / "http.download")
+                    assert n == size
+                    results["http"].append(size / dt / 1e6)
+                    row[0] = f"http {size / dt / 1e6:7.1f}"
+                    continue
+                p = by_count[n_seeders]
                 before = [cpu_seconds(x.proc) for x in (p, *seeders[:n_seeders])]
                 dt, last = pull_once(p)
                 after = [cpu_seconds(x.proc) for x in (p, *seeders[:n_seeders])]
                 used = [a - b for a, b in zip(after, before)]
                 cpu[f"pull x{n_seeders}"].append((used[0], sum(used[1:])))
                 results[f"pull x{n_seeders}"].append(size / dt / 1e6)
-                row.append(f"x{n_seeders} {size / dt / 1e6:6.1f} ({last['sources']} src)")
+                row[n_seeders] = f"x{n_seeders} {size / dt / 1e6:6.1f} ({last['sources']} src)"
                 for peer, why in (last.get("dropped") or {}).items():
                     print(f"  x{n_seeders}: dropped {peer}: {why}", flush=True)
-            print(f"round {rnd}: " + "  ".join(row) + "  MB/s", flush=True)
+            ratios.append(results[f"pull x{most}"][-1] / results["pull x1"][-1])
+            print(f"round {rnd}{' (reversed)' if rnd % 2 == 0 else ''}: "
+                  + "  ".join(row[k] for k in sorted(row)) + "  MB/s;"
+                  f" x{most}/x1 {ratios[-1]:.2f}", flush=True)
         http_med = statistics.median(results["http"])
         print()
         # CPU seconds per pull: steadier than wall time on a busy machine.
@@ -222,8 +243,11 @@ def main() -> int:
                      f" {statistics.median(y for _, y in c):14.2f}") if c else ""
             print(f"{k:10} {med:12.1f} {med / http_med:8.2f}x{extra}")
         one = statistics.median(results["pull x1"])
-        many = statistics.median(results[f"pull x{args.seeders}"])
-        print(f"\n{args.seeders} seeders vs 1: {many / one:.2f}x")
+        many = statistics.median(results[f"pull x{most}"])
+        print(f"\n{most} seeders vs 1: {many / one:.2f}x (medians); per round "
+              + ", ".join(f"{r:.2f}" for r in ratios)
+              + f" (median {statistics.median(ratios):.2f}, {sum(r >= 1 for r in ratios)} of"
+              f" {len(ratios)} rounds >= 1)")
         return 0
     finally:
         if httpd is not None:
