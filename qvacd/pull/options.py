@@ -8,7 +8,10 @@ from dataclasses import dataclass
 
 @dataclass
 class PullOptions:
-    streams_per_provider: int = 4  # concurrent chunk streams to one provider
+    # the most concurrent chunk streams (lanes) to one provider; a pull starts with this
+    # many in all, spread over its providers, and adds more only while they add rate
+    # (lanes.py)
+    streams_per_provider: int = 4
     max_providers: int = 8  # providers used at once
     max_inflight: int = 16  # chunks in memory at once, all providers together
     open_timeout_s: float = 10.0  # dial + protocol negotiation

@@ -3,8 +3,10 @@
 `Puller.pull` finds providers (peer-table records and DHT provider records), keeps only
 peers this node trusts (any role: chunk bytes are verified by hash, so trust on our side
 only decides whom we talk to; whether *they* serve *us* is their `seeder` role), fetches
-and cross-checks manifests, then fetches chunks from every provider at once, several
-streams each. Each chunk's sha256 is checked before it is written to the partial file
+and cross-checks manifests, then fetches chunks from every provider at once over lanes
+(kept streams) that each take the next chunk when they finish, so faster providers take
+more; how many lanes each provider runs is steered by the pull's rate (lanes.py).
+Each chunk's sha256 is checked before it is written to the partial file
 (models/partial.py), so a killed pull resumes from what was verified. A provider that
 sends a bad chunk, a wrong manifest, a short chunk, garbage, or stalls is dropped for the
 pull and named; its chunk goes to another provider. Only a file whose whole sha256
