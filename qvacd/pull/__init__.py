@@ -6,6 +6,7 @@ The public surface is `Puller`, `PullOptions` and `PullError`; the modules behin
                      once, verification, commit to the store
     download.py      one download shared by every pull of a model, and its progress
     shard_client.py  one manifest or chunk request to one provider, with its timeouts
+    lanes.py         how many lanes (kept streams) each provider runs, by measured rate
     relay_plan.py    what a provider reachable only through a relay may carry
     errors.py        PullError, and the faults that decide whom to drop
     options.py       the knobs
