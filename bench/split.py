@@ -74,13 +74,17 @@ def llama_bin(bin_dir: Path = DEFAULT_BIN) -> Path | None:
 
 
 @contextlib.contextmanager
-def llama_server(model: Path, bin_dir: Path, *, rpc_blocks: int) -> Iterator[str]:
+def llama_server(model: Path, bin_dir: Path, *, rpc_blocks: int, repack: bool = True
+                 ) -> Iterator[str]:
     """llama-server on loopback (with a ggml-rpc-server holding `rpc_blocks` blocks when
-    > 0, output head on the host as qvacd does); yields its base URL."""
+    > 0, output head on the host as qvacd does); yields its base URL. `repack` False is
+    --no-repack: the plain CPU kernels a qvacd split head uses (models/split_load.py)."""
     procs = []
     try:
         args = [str(bin_dir / "llama-server"), "-m", str(model), "-t", "1", "-c", CTX,
                 "--port", str(port := _port()), "--host", "127.0.0.1"]
+        if not repack:
+            args.append("--no-repack")
         if rpc_blocks:
             rpc_port = _port()
             procs.append(subprocess.Popen([str(bin_dir / "ggml-rpc-server"), "-t", "1", "-p",

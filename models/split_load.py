@@ -101,7 +101,16 @@ OUTPUT_ON_HOST = rb"^(output|token_embd)\."
 
 class _SplitRunner(BatchRunner):
     """BatchRunner whose model load keeps the output head here and divides the offloaded
-    blocks by `tensor_split` (one weight per RPC device, in registration order)."""
+    blocks by `tensor_split` (one weight per RPC device, in registration order).
+
+    Repacking is off on the head (`use_extra_bufts` false): the CPU backend would move
+    the head's Q4_K/Q8_0 weights into CPU_REPACK buffers, whose interleaved kernels sum in
+    another order than the plain ones a worker's RPC server uses for its layers (its
+    buffers are the device's plain type), so the split's greedy text would depend on
+    where the layer boundary falls. With plain kernels everywhere the split's text is
+    that of the whole model loaded without repacking, for any split (tests/test_split.py
+    measures both). Cost: none measured for generation (gemma3-270m, 1 thread: 42.9 ms
+    of CPU per token with repacking, 43.3 without, bench notes in bench/split.py)."""
 
     def __init__(self, *args: Any, tensor_split: list[float], **kw: Any) -> None:
         super().__init__(*args, **kw)
@@ -124,6 +133,7 @@ class _SplitRunner(BatchRunner):
 
         def with_split() -> Any:
             p = original()
+            p.use_extra_bufts = False  # plain kernels, as on the workers (see the class)
             p.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
             if self.tensor_split:
                 p.tensor_split = ctypes.cast(split, ctypes.POINTER(ctypes.c_float))

@@ -3,7 +3,9 @@
 
 Neither node can hold gemma3-270m (317 MiB at the 1024-token context used here) within
 its budget: the head has 300 MiB, the worker 300 MiB of which 200 MiB are offered for
-layers. The split's greedy text must equal llama.cpp's own RPC split of the same layers.
+layers. The split's greedy text must equal that of a node holding the whole model with
+the same CPU kernels (plain, no repacking: see tests/plain_kernels_node.py for why), and
+llama.cpp's own RPC split of the same layers.
 
 These tests need llama-cpp-python built with -DGGML_RPC=on, which the README's set-up
 commands do. Without libggml-rpc they FAIL (not skip): the README build is supposed to
@@ -28,7 +30,7 @@ import pytest
 import trio
 
 from qvacd.layer_worker import REBUILD_HINT, rpc_available
-from tests.harness import Daemon, Mesh, free_port
+from tests.harness import Daemon, Mesh, clone_data_dir, free_port
 
 MODEL = "gemma3-270m"
 PROMPT = "The capital of France is"
@@ -108,14 +110,54 @@ def test_split_runs_what_no_node_fits(split_mesh):
     assert again == text and worker.status()["layers"]["server_pids"] == pids
 
 
+class PlainKernelDaemon(Daemon):
+    """A whole-model node that loads with the split head's kernel choice (no repacking)."""
+
+    launcher = (sys.executable, str(Path(__file__).resolve().parent / "plain_kernels_node.py"))
+
+
+# the second prompt's first greedy token already differs between repacked and plain
+# kernels; the first departs after about ten tokens when only the head repacks
+EQUAL_PROMPTS = (PROMPT, "Here is a long story about a dragon who learned to cook. Once"
+                 " upon a time,")
+
+
+def test_split_text_equals_a_node_holding_the_whole_model(split_mesh):
+    """The issue's test: two nodes each too small run the model split; greedy, its text is
+    byte-for-byte that of one node holding the whole model, loaded with the same kernels.
+
+    The kernels are the condition: a CPU_REPACK buffer (llama.cpp's default on the CPU)
+    sums in another order than the plain kernels an RPC server's buffers get, and a base
+    model's near ties then flip. So the split head loads without repacking
+    (models/split_load.py) and the whole-model node here too (tests/plain_kernels_node.py);
+    a node with its default repacking is not byte-equal to every split, nor is llama.cpp's
+    own RPC split to its all-local run unless both run --no-repack (bench/split.py prints
+    those comparisons)."""
+    m = split_mesh
+    whole = PlainKernelDaemon(clone_data_dir(m.template, m.root / "whole-plain"), "--no-p2p",
+                              "--ctx-size", CTX, "--threads", "1", name="whole")
+    whole.start()
+    try:
+        assert whole.status()["models"][0]["fits_budget"]
+        for prompt in EQUAL_PROMPTS:
+            body = {"model": MODEL, "prompt": prompt, "max_tokens": 48, "temperature": 0}
+            r = httpx.post(m.nodes["head"].api + "/v1/completions", json=body, timeout=600)
+            assert r.status_code == 200, r.text
+            assert r.headers["x-qvac-served-by"] == f"{m.ids['head']},{m.ids['worker']}"
+            split_text = r.json()["choices"][0]["text"]
+            w = httpx.post(whole.api + "/v1/completions", json=body, timeout=600)
+            assert w.status_code == 200, w.text
+            whole_text = w.json()["choices"][0]["text"]
+            assert w.json()["usage"]["completion_tokens"] == 48
+            assert split_text == whole_text, (prompt, split_text, whole_text)
+    finally:
+        whole.stop()
+
+
 def test_split_text_equals_llama_cpps_own_rpc_split(split_mesh):
     """Greedy, our split (RPC through the peer stream) is byte-for-byte what llama.cpp's
-    own ggml-rpc-server + llama-server --rpc give for the same split over plain TCP.
-
-    Not compared with the whole model: llama.cpp's RPC split itself departs from its own
-    all-local greedy text on this prompt after about ten tokens (the same for
-    llama-server: see bench/split.py), so equality with the whole model is not a property
-    of the RPC backend this split is built on."""
+    own ggml-rpc-server + llama-server --rpc give for the same split over plain TCP, with
+    the same kernels (--no-repack, as our head)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from bench.split import llama_bin, llama_complete, llama_server
     from bench.split import model_path as _model_path
@@ -126,7 +168,7 @@ def test_split_text_equals_llama_cpps_own_rpc_split(split_mesh):
                     " /work/llama-rpc-build/bin; see bench/split.py): no anchor to compare")
     ours = _complete(split_mesh.nodes["head"].api).json()["choices"][0]["text"]
     model = _model_path(split_mesh.template)
-    with llama_server(model, bin_dir, rpc_blocks=9) as url:
+    with llama_server(model, bin_dir, rpc_blocks=9, repack=False) as url:
         theirs, _, _ = llama_complete(url, PROMPT, 24)
     assert ours == theirs
 
