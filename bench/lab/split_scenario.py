@@ -254,7 +254,9 @@ def _commands(stream: bytes, marks: list[tuple[int, float]]) -> list[RpcCommand]
             answer = struct.unpack_from("<Q", stream, o + 9 + _GET_TENSOR_REQ - 8)[0]
         out.append(RpcCommand(t, cmd, size, answer))
         o += 9 + size
-    return out if out else None
+    # the capture ends while the split is idle, so a command stream ends at a command's
+    # end; an answer stream (u64 size, data) that happened to frame up would not
+    return out if out and o == len(stream) else None
 
 
 def rpc_commands(lo: list[tuple[float, int, int, int, bytes]]) -> RpcStreams:
