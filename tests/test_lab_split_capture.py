@@ -24,7 +24,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.lab.split_scenario import (  # noqa: E402
+from bench.lab.nodes import StreamResult
+from bench.lab.split_scenario import (
     ANSWERED,
     DECODES,
     GET_TENSOR,
@@ -33,8 +34,7 @@ from bench.lab.split_scenario import (  # noqa: E402
     per_token,
     rpc_commands,
 )
-from bench.lab.nodes import StreamResult  # noqa: E402
-from tests.harness import namespaces  # noqa: E402
+from tests.harness import namespaces
 
 TOKENS = 6
 FAKE = str(REPO / "tests" / "lab_rpc_fake.py")
