@@ -208,6 +208,33 @@ def test_netem_probe_names_the_reason_or_nothing() -> None:
                            and "\n" not in why), why
 
 
+def test_delegation_row_is_median_of_pairs_with_spread() -> None:
+    """The delegation table's figures: TTFT delta = median of per-pair differences (not
+    the difference of medians), its min-max spread, tokens/s ratio = median of per-pair
+    ratios, issue 16's bound on a delay-only path, and whether each pair's text agreed."""
+    from bench.lab.nodes import StreamResult
+    from bench.lab.scenarios import Impair, _delegation_row
+
+    class NoLab:
+        nodes: list = []
+
+    def r(ttft: float, tps: float, text: str = "abc") -> StreamResult:
+        return StreamResult(ok=True, ttft=ttft, tps=tps, text=text, finish="length")
+
+    local = [r(0.100, 20.0), r(0.300, 10.0), r(0.100, 20.0)]
+    deleg = [r(0.150, 19.0), r(0.330, 10.0), r(0.190, 18.0, "abd")]
+    row, f = _delegation_row(NoLab(), Impair(20), local, deleg, clean_delta=0.010)
+    # pairs: +50, +30, +90 ms -> median 50 (the difference of medians would be 90)
+    assert row["TTFT delta ms"] == "50" and row["delta spread ms"] == "30–90"
+    assert abs(f["delta"] - 0.050) < 1e-9
+    assert row["ratio"] == "0.950" and row["per-round ratios"] == "0.90–1.00"
+    assert row["bound ms"] == "67" and f["min_ratio"] == 0.97  # 1.3 x 40 ms + 15 ms
+    assert row["same text"] == "2/3" and row["rounds"] == "3"
+    assert row["RTTs over clean"] == "1.00"  # (50 - 10) ms over a 40 ms round trip
+    _, jittery = _delegation_row(NoLab(), Impair(20, 5, 1), local, deleg, None)
+    assert abs(jittery["bound"] - (4 * 0.040 + 0.1)) < 1e-9 and jittery["min_ratio"] == 0.9
+
+
 def _dead_pid() -> int:
     while True:
         pid = 4_000_000 + secrets.randbelow(190_000)
