@@ -46,6 +46,9 @@ from ._limits import (
 )
 from ._messages import (
     CAPACITY_PROTOCOL,
+    DEFAULT_MIN_P,
+    DEFAULT_REPEAT_PENALTY,
+    DEFAULT_TOP_K,
     INFER_PROTOCOL,
     LAYERS_PROTOCOL,
     MAX_GRAMMAR_LEN,
@@ -81,6 +84,9 @@ from ._state import ChunkClientState, InferClientState, StreamState
 __all__ = [
     "CAPACITY_PROTOCOL",
     "DEFAULT_LIMITS",
+    "DEFAULT_MIN_P",
+    "DEFAULT_REPEAT_PENALTY",
+    "DEFAULT_TOP_K",
     "EMBED_LIMITS",
     "EMBED_PROTOCOL",
     "FROM_FILE_MIN_DATA",

@@ -34,6 +34,9 @@ from ._limits import (
 
 __all__ = [
     "CAPACITY_PROTOCOL",
+    "DEFAULT_MIN_P",
+    "DEFAULT_REPEAT_PENALTY",
+    "DEFAULT_TOP_K",
     "INFER_PROTOCOL",
     "LAYERS_PROTOCOL",
     "MAX_GRAMMAR_LEN",
@@ -89,6 +92,14 @@ MAX_RETRY_AFTER = 24 * 3600.0
 MAX_TEMPERATURE = 100.0
 DEFAULT_TEMPERATURE = 0.8  # llama.cpp's defaults, so a bare request samples as usual
 DEFAULT_TOP_P = 0.95
+# What an absent top_k, min_p, repeat_penalty mean (llama.cpp's defaults too). A consumer
+# leaves a knob out when it holds its default, so a provider that predates these fields
+# samples the same way and needs no Accepted.sampling.
+DEFAULT_TOP_K = 40
+DEFAULT_MIN_P = 0.05
+DEFAULT_REPEAT_PENALTY = 1.0
+MAX_TOP_K = 2**31 - 1  # llama.cpp takes top_k as an int32; past the vocabulary = all of it
+MAX_REPEAT_PENALTY = 100.0
 DEFAULT_DEADLINE_MS = 120_000
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
@@ -298,6 +309,9 @@ class InferRequest(_Message):
     the resume text is the start of the answer inside the grammar. A provider that
     enforces it says so in Accepted.grammar: one that does not know the field ignores it
     (unknown keys are), and the consumer then goes to another peer.
+    `top_k`, `min_p`, `repeat_penalty`: absent means DEFAULT_TOP_K, DEFAULT_MIN_P,
+    DEFAULT_REPEAT_PENALTY. A provider that applies them says so in Accepted.sampling,
+    for the same reason as grammar.
     """
 
     tag: ClassVar[str] = "req"
@@ -309,6 +323,9 @@ class InferRequest(_Message):
     max_tokens: int | None = None
     temperature: float = DEFAULT_TEMPERATURE
     top_p: float = DEFAULT_TOP_P
+    top_k: int | None = None
+    min_p: float | None = None
+    repeat_penalty: float | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
     deadline_ms: int = DEFAULT_DEADLINE_MS
@@ -340,6 +357,13 @@ class InferRequest(_Message):
         _set(self, "temperature",
              _check_float("InferRequest.temperature", self.temperature, 0.0, MAX_TEMPERATURE))
         _set(self, "top_p", _check_float("InferRequest.top_p", self.top_p, 0.0, 1.0))
+        if self.top_k is not None:
+            _check_int("InferRequest.top_k", self.top_k, 0, MAX_TOP_K)
+        if self.min_p is not None:
+            _set(self, "min_p", _check_float("InferRequest.min_p", self.min_p, 0.0, 1.0))
+        if self.repeat_penalty is not None:
+            _set(self, "repeat_penalty", _check_float(
+                "InferRequest.repeat_penalty", self.repeat_penalty, 0.0, MAX_REPEAT_PENALTY))
         if self.seed is not None:
             _check_int("InferRequest.seed", self.seed, 0, U64_MAX)
         if not isinstance(self.stop, list | tuple):
@@ -356,22 +380,32 @@ class InferRequest(_Message):
             _check_str("InferRequest.grammar", self.grammar, max_len=MAX_GRAMMAR_LEN,
                        min_len=1)
 
+    @property
+    def sets_sampling(self) -> bool:
+        """Whether any of top_k, min_p, repeat_penalty is on the wire (then the provider
+        must say Accepted.sampling = true)."""
+        return not (self.top_k is None and self.min_p is None and self.repeat_penalty is None)
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Accepted(_Message):
     """The provider took the request; `queue_position` 0 means it is generating now.
     `grammar` true: the request's grammar is enforced (absent from providers that
-    predate the field, which would ignore the grammar)."""
+    predate the field, which would ignore the grammar). `sampling` true: the request's
+    top_k, min_p and repeat_penalty are applied (the same for those fields)."""
 
     tag: ClassVar[str] = "acc"
     wire_required: ClassVar[frozenset[str]] = frozenset({"queue_position"})
     queue_position: int = 0
     grammar: bool | None = None
+    sampling: bool | None = None
 
     def __post_init__(self) -> None:
         _check_int("Accepted.queue_position", self.queue_position, 0, U32_MAX)
         if self.grammar is not None:
             _check_bool("Accepted.grammar", self.grammar)
+        if self.sampling is not None:
+            _check_bool("Accepted.sampling", self.sampling)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -24,6 +24,9 @@ from models.engine import EngineError, GenerationRequest, GenerationResult, fmt_
 from models.store import normalize_name
 from peers import ProtocolRefused, short_peer_id
 from protocol import (
+    DEFAULT_MIN_P,
+    DEFAULT_REPEAT_PENALTY,
+    DEFAULT_TOP_K,
     INFER_PROTOCOL,
     Accepted,
     ChatMessage,
@@ -226,6 +229,7 @@ class RemoteInference:
             max_tokens=max_tokens,
             temperature=req.temperature,
             top_p=req.top_p,
+            **_sampling_knobs(req),
             seed=req.seed,
             stop=tuple(s for s in req.stop if s)[:16],
             deadline_ms=deadline_ms,
@@ -261,10 +265,16 @@ class RemoteInference:
             state.receive(msg)
             if isinstance(msg, Error):
                 raise PeerFailed(peer, f"{msg.code}: {msg.message}", refused=msg)
+            assert isinstance(msg, Accepted)  # InferClientState: the first answer is acc or err
             if wire.grammar is not None and msg.grammar is not True:
                 # a provider that predates InferRequest.grammar ignored it: its text would
                 # not follow the grammar, so none is read (a refusal, not a failure)
                 why = "does not enforce grammars (an older qvacd); asked another peer"
+                raise PeerFailed(peer, why, refused=Error(ErrorCode.BAD_REQUEST, why))
+            if wire.sets_sampling and msg.sampling is not True:
+                # the same for top_k, min_p, repeat_penalty: it would sample with its own
+                why = ("does not apply top_k, min_p or repeat_penalty (an older qvacd);"
+                       " asked another peer")
                 raise PeerFailed(peer, why, refused=Error(ErrorCode.BAD_REQUEST, why))
             ok = True
             return _Attempt(peer, io, state)
@@ -465,6 +475,23 @@ class RemoteInference:
                 raise PeerFailed(peer, f"{msg.code}: {msg.message}", refused=msg)
             elif isinstance(msg, Accepted):  # pragma: no cover - state machine refuses it
                 raise PeerFailed(peer, "accepted twice")
+
+
+def _sampling_knobs(req: GenerationRequest) -> dict[str, Any]:
+    """InferRequest's top_k, min_p, repeat_penalty for `req`: only those that can change
+    the answer, so a request that needs none of them is served by a provider that
+    predates them too (it would sample the same way). A knob at its default is left out,
+    and so are top_k and min_p at temperature 0: greedy takes the most likely token,
+    which neither ever removes."""
+    knobs: dict[str, Any] = {}
+    if req.temperature > 0.0:
+        if req.top_k != DEFAULT_TOP_K:
+            knobs["top_k"] = req.top_k
+        if req.min_p != DEFAULT_MIN_P:
+            knobs["min_p"] = req.min_p
+    if req.repeat_penalty != DEFAULT_REPEAT_PENALTY:
+        knobs["repeat_penalty"] = req.repeat_penalty
+    return knobs
 
 
 async def _shielded(fn: Callable[[], Awaitable[None]]) -> None:

@@ -74,9 +74,12 @@ EXAMPLES: list[protocol.Message] = [
     ),
     InferRequest(model="m", prompt="Yes or no?", deadline_ms=1000,
                  grammar='root ::= "yes" | "no"'),
+    InferRequest(model="m", prompt="Once", temperature=1.0, top_k=0, min_p=1.0,
+                 repeat_penalty=100.0, seed=7, deadline_ms=1000),
     Accepted(queue_position=0),
     Accepted(queue_position=7),
     Accepted(queue_position=0, grammar=True),
+    Accepted(queue_position=0, sampling=True),
     Error(code=ErrorCode.BUSY, message="try later", retry_after=1.5),
     Error(code=ErrorCode.INTERNAL, message=""),
     Token(text="héllo"),
@@ -157,6 +160,9 @@ def infer_requests(draw: st.DrawFn) -> InferRequest:
         max_tokens=draw(st.none() | st.integers(1, 2**32 - 1)),
         temperature=draw(st.floats(0, 100)),
         top_p=draw(st.floats(0, 1)),
+        top_k=draw(st.none() | st.integers(0, 2**31 - 1)),
+        min_p=draw(st.none() | st.floats(0, 1)),
+        repeat_penalty=draw(st.none() | st.floats(0, 100)),
         seed=draw(st.none() | st.integers(0, 2**64 - 1)),
         stop=tuple(draw(st.lists(names, max_size=3))),
         deadline_ms=draw(st.integers(1, 86_400_000)),
@@ -167,7 +173,8 @@ def infer_requests(draw: st.DrawFn) -> InferRequest:
 
 messages = st.one_of(
     infer_requests(),
-    st.builds(Accepted, queue_position=u32),
+    st.builds(Accepted, queue_position=u32, grammar=st.none() | st.just(True),
+              sampling=st.none() | st.just(True)),
     st.builds(
         Error,
         code=st.sampled_from(ErrorCode),
@@ -202,6 +209,20 @@ def test_floats_are_always_float64() -> None:
     assert type(as_int.temperature) is float
     assert encode_frame(as_int) == encode_frame(as_float)
     assert encode_frame(as_int).count(b"\xcb\x3f\xf0\x00\x00\x00\x00\x00\x00") == 2
+
+
+def test_sampling_knobs_are_optional_and_flagged() -> None:
+    bare = InferRequest(model="m", prompt="p", deadline_ms=5)
+    assert (bare.top_k, bare.min_p, bare.repeat_penalty) == (None, None, None)
+    assert not bare.sets_sampling
+    assert not {"top_k", "min_p", "repeat_penalty"} & set(bare.to_wire())
+    for knob, value in (("top_k", 0), ("min_p", 0), ("repeat_penalty", 1)):
+        req = InferRequest(model="m", prompt="p", deadline_ms=5, **{knob: value})
+        assert req.sets_sampling, knob
+        assert req.to_wire()[knob] == value and type(req.to_wire()[knob]) is type(
+            float(value) if knob != "top_k" else value)  # ints become floats for floats
+    assert (protocol.DEFAULT_TOP_K, protocol.DEFAULT_MIN_P,
+            protocol.DEFAULT_REPEAT_PENALTY) == (40, 0.05, 1.0)  # the doc table's defaults
 
 
 def test_lists_are_normalised_to_tuples() -> None:
@@ -277,9 +298,10 @@ def test_invalid_vector(title: str, fields: dict[str, str]) -> None:
 # Wire kind of every field; "?" marks optional (nil/absent allowed). Mirrors the doc tables.
 SCHEMA: dict[str, dict[str, str]] = {
     "req": {"model": "str", "prompt": "str?", "messages": "array?", "max_tokens": "int?",
-            "temperature": "float?", "top_p": "float?", "seed": "int?", "stop": "array?",
+            "temperature": "float?", "top_p": "float?", "top_k": "int?", "min_p": "float?",
+            "repeat_penalty": "float?", "seed": "int?", "stop": "array?",
             "deadline_ms": "int", "resume": "str?", "grammar": "str?"},
-    "acc": {"queue_position": "int", "grammar": "bool?"},
+    "acc": {"queue_position": "int", "grammar": "bool?", "sampling": "bool?"},
     "err": {"code": "str", "message": "str", "retry_after": "float?"},
     "tok": {"text": "str"},
     "done": {"finish_reason": "str", "prompt_tokens": "int", "completion_tokens": "int"},
@@ -362,6 +384,16 @@ OUT_OF_RANGE = [
     ({**REQ, "temperature": -0.1}, ErrorCode.BAD_REQUEST),
     ({**REQ, "top_p": 1.5}, ErrorCode.BAD_REQUEST),
     ({**REQ, "seed": -1}, ErrorCode.BAD_REQUEST),
+    ({**REQ, "top_k": -1}, ErrorCode.BAD_REQUEST),
+    ({**REQ, "top_k": 2**31}, ErrorCode.BAD_REQUEST),
+    ({**REQ, "top_k": True}, ErrorCode.PROTOCOL),
+    ({**REQ, "min_p": -0.01}, ErrorCode.BAD_REQUEST),
+    ({**REQ, "min_p": 1.01}, ErrorCode.BAD_REQUEST),
+    ({**REQ, "min_p": math.nan}, ErrorCode.BAD_REQUEST),
+    ({**REQ, "repeat_penalty": -1.0}, ErrorCode.BAD_REQUEST),
+    ({**REQ, "repeat_penalty": 100.5}, ErrorCode.BAD_REQUEST),
+    ({**REQ, "repeat_penalty": math.inf}, ErrorCode.BAD_REQUEST),
+    ({**REQ, "repeat_penalty": "1.1"}, ErrorCode.PROTOCOL),
     ({**REQ, "deadline_ms": 0}, ErrorCode.BAD_REQUEST),
     ({**REQ, "deadline_ms": 86_400_001}, ErrorCode.BAD_REQUEST),
     ({**REQ, "model": ""}, ErrorCode.BAD_REQUEST),

@@ -25,6 +25,9 @@ import trio
 from models.engine import EngineError, GenerationRequest
 from peers import peer_ended_stream, short_peer_id
 from protocol import (
+    DEFAULT_MIN_P,
+    DEFAULT_REPEAT_PENALTY,
+    DEFAULT_TOP_K,
     Accepted,
     Done,
     Error,
@@ -173,6 +176,10 @@ class InferService:
             max_tokens=msg.max_tokens,
             temperature=msg.temperature,
             top_p=msg.top_p,
+            top_k=DEFAULT_TOP_K if msg.top_k is None else msg.top_k,
+            min_p=DEFAULT_MIN_P if msg.min_p is None else msg.min_p,
+            repeat_penalty=DEFAULT_REPEAT_PENALTY if msg.repeat_penalty is None
+            else msg.repeat_penalty,
             seed=msg.seed,
             stop=tuple(msg.stop),
             resume=msg.resume or "",
@@ -184,7 +191,8 @@ class InferService:
             with trio.move_on_after(msg.deadline_ms / 1000) as deadline:
                 async with self.engine.generate(req) as gen:
                     await io.send(Accepted(queue_position=0,
-                                           grammar=True if msg.grammar is not None else None))
+                                           grammar=True if msg.grammar is not None else None,
+                                           sampling=True if msg.sets_sampling else None))
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(cancel_on_inbound_close, io, nursery.cancel_scope)
                         async with contextlib.aclosing(_pending_batches(gen, nursery)) as out:
