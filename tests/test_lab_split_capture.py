@@ -114,7 +114,8 @@ def test_sniffer_counts_rpc_round_trips_per_token(tmp_path: Path) -> None:
     assert cap["drops"] == 0
     rpc = rpc_commands(cap["lo"])
     assert rpc.gaps == 0
-    assert rpc.unparsed == 1  # the answers' direction is no command stream
+    # the answers (zeros here, which frame up as commands) are told apart by who spoke first
+    assert rpc.unparsed == 0 and rpc.answer_streams == 1
     gets = [c for c in rpc.commands if c.cmd == GET_TENSOR]
     assert len(gets) == TOKENS and {c.answer for c in gets} == {2560}
     assert len([c for c in rpc.commands if c.cmd in DECODES]) == TOKENS

@@ -87,8 +87,9 @@ SOL_PACKET = 263
 
 def sniff(out: str, here: str, peer: str) -> int:
     """Until stdin closes: TCP segments with payload between `here` and `peer` on any
-    interface but lo (t, up?, length), and every TCP payload on lo except the API's (t,
-    src port, dst port, seq, bytes); pickled to `out` with the kernel's drop count."""
+    interface but lo (t, up?, length), their SYN/FIN/RSTs (upper case: sent by `here`),
+    and every TCP payload on lo except the API's (t, src port, dst port, seq, bytes);
+    pickled to `out` with the kernel's drop count."""
     s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
     try:
         s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 64 << 20)
@@ -99,6 +100,7 @@ def sniff(out: str, here: str, peer: str) -> int:
     offset = time.time() - time.monotonic()  # kernel stamps are CLOCK_REALTIME
     link: list[tuple[float, bool, int]] = []
     lo: list[tuple[float, int, int, int, bytes]] = []
+    conns: list[tuple[float, str, int, int]] = []  # SYN/FIN/RST on the link: (t, flag, ports)
     sys.stdout.write("ready\n")
     sys.stdout.flush()
     while True:
@@ -131,9 +133,13 @@ def sniff(out: str, here: str, peer: str) -> int:
             sport, dport, seq = struct.unpack("!HHI", tcp[:8])
             thl = (tcp[12] >> 4) * 4
             payload = ip[ihl + thl:total]
+            src, dst = ip[12:16], ip[16:20]
+            flags = tcp[13]
+            if flags & 0x07 and ifname != "lo" and {src, dst} == {here_b, peer_b}:
+                kind = "SYN" if flags & 0x02 else "RST" if flags & 0x04 else "FIN"
+                conns.append((t, kind if src == here_b else kind.lower(), sport, dport))
             if not payload:
                 continue
-            src, dst = ip[12:16], ip[16:20]
             if ifname == "lo":
                 if API_PORT not in (sport, dport):
                     lo.append((t, sport, dport, seq, bytes(payload)))
@@ -145,7 +151,7 @@ def sniff(out: str, here: str, peer: str) -> int:
     except OSError:
         pass
     with open(out, "wb") as f:
-        pickle.dump({"link": link, "lo": lo, "drops": drops}, f)
+        pickle.dump({"link": link, "lo": lo, "conns": conns, "drops": drops}, f)
     return 0
 
 
@@ -215,7 +221,8 @@ class RpcCommand:
 class RpcStreams:
     commands: list[RpcCommand] = field(default_factory=list)
     gaps: int = 0  # holes in a reassembled stream (the sniffer missed a segment)
-    unparsed: int = 0  # lo flows that were not a ggml RPC client stream
+    unparsed: int = 0  # lo connections whose first speaker did not frame as ggml RPC
+    answer_streams: int = 0  # the other direction of each RPC connection, not parsed
 
 
 def _reassemble(segs: list[tuple[float, int, bytes]]) -> tuple[bytes, list[tuple[int, float]], int]:
@@ -254,19 +261,24 @@ def _commands(stream: bytes, marks: list[tuple[int, float]]) -> list[RpcCommand]
             answer = struct.unpack_from("<Q", stream, o + 9 + _GET_TENSOR_REQ - 8)[0]
         out.append(RpcCommand(t, cmd, size, answer))
         o += 9 + size
-    # the capture ends while the split is idle, so a command stream ends at a command's
-    # end; an answer stream (u64 size, data) that happened to frame up would not
-    return out if out and o == len(stream) else None
+    # a stream may end mid-command only where its connection broke (a failed split)
+    return out or None
 
 
 def rpc_commands(lo: list[tuple[float, int, int, int, bytes]]) -> RpcStreams:
-    """Every lo flow direction that parses as ggml RPC commands from the first byte the
-    capture saw (it starts while the split is idle, so at a command's start)."""
+    """The commands of every lo TCP connection whose first speaker frames as ggml RPC
+    from the first byte the capture saw (it starts while the split is idle, so at a
+    command's start; an RPC server never speaks first, so the other direction is its
+    answers, and is not parsed: zeros or floats could frame up as commands)."""
     flows: dict[tuple[int, int], list[tuple[float, int, bytes]]] = {}
     for t, sport, dport, seq, data in lo:
         flows.setdefault((sport, dport), []).append((t, seq, data))
     res = RpcStreams()
-    for segs in flows.values():
+    for key, segs in flows.items():
+        back = flows.get((key[1], key[0]))
+        if back is not None and min(back)[0] < min(segs)[0]:
+            res.answer_streams += 1
+            continue  # the other side spoke first
         stream, marks, gaps = _reassemble(segs)
         cmds = _commands(stream, marks)
         if cmds is None:
@@ -384,6 +396,10 @@ async def _conditions(lab: Lab, opt: Options, res: Result, head: LabNode, worker
                 pair = [(splits, head, False), (wholes, whole, True)]
                 for out, node, local_only in (pair if k % 2 == 0 else pair[::-1]):
                     out.append(await timed_stream(node, opt.max_tokens, local_only=local_only))
+                    if not out[-1].r.ok and node is head:
+                        say(f"  {imp}: split stream failed ({out[-1].r.error[:160]});"
+                            " one discarded request reloads it")
+                        await timed_stream(head, 4)
         finally:
             cap = await sniffer.stop()
         rpc = rpc_commands(cap["lo"])
@@ -405,8 +421,11 @@ async def _conditions(lab: Lab, opt: Options, res: Result, head: LabNode, worker
                 kinds[RPC_NAMES[c.cmd]] = kinds.get(RPC_NAMES[c.cmd], 0) + 1
         n_tok = sum(len(s.times) - 1 for s in splits if s.window) or 1
         waits = _answer_waits(gets, [b[0] for b in data])
-        ts, tw = med([s.r.tps for s in splits]), med([s.r.tps for s in wholes])
-        fs, fw = med([s.r.ttft for s in splits]), med([s.r.ttft for s in wholes])
+        heads = _head_times(gets, [b[0] for b in data])
+        # medians over the streams that completed (a failed one is counted below)
+        ts, tw = med([s.r.tps for s in splits if s.r.ok]), med([s.r.tps for s in wholes if s.r.ok])
+        fs, fw = (med([s.r.ttft for s in splits if s.r.ok]),
+                  med([s.r.ttft for s in wholes if s.r.ok]))
         if not rtt and ts:
             compute_s = 1 / ts
         rt = rpc_rt if rpc_rt is not None else link_rt
@@ -427,11 +446,15 @@ async def _conditions(lab: Lab, opt: Options, res: Result, head: LabNode, worker
                                           if v / n_tok >= 0.05) or "—",
                "decodes/token": "—" if decodes is None else f"{decodes:.2f}",
                "answer wait ms": ms(waits),
+               "head time/token ms": ms(heads),
                "compute/token ms": ms(compute_s),
                "bound tok/s": f1(bound),
                "split/bound": "—" if not (bound and ts) else f"{ts / bound:.2f}",
                "capture": f"{len(cap['link'])} link segs, {len(rpc.commands)} RPC cmds,"
                           f" drops {cap['drops']}, holes {rpc.gaps}",
+               # new connections (SYN) and closes (FIN/RST) between head and worker while
+               # measured: a split session rides one connection for its life
+               "link opens/closes": _conn_events(cap.get("conns", []), splits),
                "failed": str(len(bad))}
         res.rows.append(row)
         res.points.append((f"split {imp}", "whole (one node)", tw, fw))
@@ -442,7 +465,8 @@ async def _conditions(lab: Lab, opt: Options, res: Result, head: LabNode, worker
             f" {row['whole TTFT ms']} ms | RPC answered/token"
             f" {row['RPC answered cmds/token']} ({row['answered cmds']}), link RTs/token"
             f" {row['link RTs/token']} (any size {row['link bursts/token (any size)']}),"
-            f" decodes/token {row['decodes/token']}, answer wait {row['answer wait ms']} ms |"
+            f" decodes/token {row['decodes/token']}, answer wait {row['answer wait ms']} ms,"
+            f" head time {row['head time/token ms']} ms |"
             f" bound {row['bound tok/s']} tok/s (split/bound {row['split/bound']}) |"
             f" {row['capture']}")
         res.check(not bad, f"{imp}: {len(bad)} streams failed: "
@@ -454,6 +478,32 @@ async def _conditions(lab: Lab, opt: Options, res: Result, head: LabNode, worker
         if rtt and bound and ts:
             res.check(ts <= 1.1 * bound, f"{imp}: split {ts:.1f} tok/s above 1.1 x its bound"
                                          f" {bound:.1f}: the round trips are miscounted")
+
+
+def _head_times(gets: list[RpcCommand], answers: list[float]) -> float | None:
+    """Median time from an answer burst arriving to the split process's next GET_TENSOR:
+    what the head spends per token (its layers, the output head, sampling, both hops of
+    its tunnel), nothing of it waiting for the link."""
+    times = []
+    starts = [c.t for c in gets]
+    for k, c in enumerate(gets[:-1]):
+        j = bisect.bisect_right(answers, c.t)
+        if j < len(answers) and answers[j] < starts[k + 1]:
+            times.append(starts[k + 1] - answers[j])
+    return statistics.median(times) if times else None
+
+
+def _conn_events(conns: list[tuple[float, str, int, int]], streams: list[Timed]) -> str:
+    """SYN/FIN/RST seen on the link, with when they came relative to the split streams
+    that failed (lower case: sent by the worker)."""
+    if not conns:
+        return "none"
+    failed = [s.times[-1] for s in streams if not s.r.ok and s.times]
+    out = []
+    for t, kind, sp, dp in conns:
+        near = [f"{t - f:+.1f} s from a failure" for f in failed if abs(t - f) < 15]
+        out.append(f"{kind} {sp}->{dp}" + (f" ({near[0]})" if near else ""))
+    return "; ".join(out[:12]) + (f"; ... {len(out) - 12} more" if len(out) > 12 else "")
 
 
 def _answer_waits(gets: list[RpcCommand], answers: list[float]) -> float | None:
