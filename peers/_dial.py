@@ -67,6 +67,30 @@ def forget_failed_dial(swarm: INetwork, pid: ID) -> None:
             cache.evict(str(pid))
 
 
+async def _never_start() -> None:
+    return None
+
+
+def disable_library_autoconnect(swarm: INetwork) -> None:
+    """Keep py-libp2p's AutoConnector from ever starting on this swarm (instance only).
+
+    why: it dials every peer in the peerstore, every 10 s while we have fewer than 50
+    connections, until we have 100 (its watermarks), past everything that decides our
+    dials: `max_auto_connect`, the peer table's back-off, bans, relays. Every peer a DHT
+    answer names lands in the peerstore, so in a mesh each node dialled every other
+    (measured, bench/dht_lookup.py: 16 nodes in one process, lookup p95 229 ms with it,
+    34 ms without). qvacd dials on its own: bootstrap peers kept connected
+    (`bootstrap_loop`), mDNS peers, trusted providers kept warm (`keep_providers_warm`),
+    and DHT-found peers up to `max_auto_connect` by the discovery loop, which a lost
+    connection wakes (PeerNetwork._on_disconnected)."""
+    connector = getattr(swarm, "auto_connector", None)
+    if connector is None:
+        return
+    # why start, not stop: the swarm starts it when it runs; a connector never started
+    # also ignores the swarm's on-disconnect trigger (maybe_connect returns at once)
+    connector.start = _never_start
+
+
 class Dialler:
     """Dials peers for the network: bootstrap, mDNS, DHT-found, manual, stream opens."""
 

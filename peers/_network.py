@@ -45,8 +45,9 @@ from libp2p.tools.anyio_service import background_trio_service
 from peers._bans import close_peer, kernel_filter_loop, score_offence, trusted_ips
 from peers._capacity import CapacityProtocol
 from peers._capacity_sync import CapacitySource, CapacitySync, OurRecord
+from peers._dht_streams import DhtHost, guard_inbound
 from peers._dht_wiring import DhtWiring
-from peers._dial import Dialler
+from peers._dial import Dialler, disable_library_autoconnect
 from peers._errors import NetworkError, PeerUnavailable
 from peers._limits import NetworkLimits
 from peers._liveness import PING_PROTOCOL, PathProbe, PingServer, watch_path
@@ -125,11 +126,15 @@ class PeerNetwork:
             on_ban=self._on_ban,
         )
         set_inbound_policy(libp2p.get_network(), self.guard)
+        disable_library_autoconnect(libp2p.get_network())  # why: see peers/_dial.py
         self.trust_store = trust_store
         self.seq_tracker = SeqTracker()
         self.rejected: Counter[str] = Counter({r: 0 for r in REASONS})
         self.counters: Counter[str] = Counter()
-        self.dht = CapacityDHT(libp2p, self._count_reject)
+        # why DhtHost and guard_inbound: py-libp2p's DHT streams outlive their queries on
+        # both sides and filled the handler slots for good (peers/_dht_streams.py)
+        self.dht = CapacityDHT(DhtHost(libp2p), self._count_reject)  # type: ignore[arg-type]
+        guard_inbound(self.dht.kad, libp2p, self.counters)
         self._mdns = (
             MdnsService(
                 self.peer_id_str,
@@ -177,7 +182,7 @@ class PeerNetwork:
             self._our, self._capacity, libp2p, self.table, self.dht, self.limits, self.counters,
             seq_tracker=self.seq_tracker,
             count_reject=self._count_reject,
-            learn_addrs=self._dialler.learn_addrs,
+            learn_addrs=self._learn_addrs,
             publish_dht=lambda: self._dht_wiring.publish_round(),
             spawn=self._nursery_start,
         )
@@ -433,11 +438,31 @@ class PeerNetwork:
                 self._dht_wiring.had_no_peers = False
                 self._sync.request_dht_publish()
 
+    def _learn_addrs(self, peer: str, addrs: Iterable[str]) -> None:
+        """Addresses from a verified record: into the peerstore, and a connected peer
+        the routing table lacks goes into it now that it has them.
+
+        why: the routing table takes only peers with addresses; a peer that dialled us
+        has none until identify answers, which is after `_on_connected` tried to add it,
+        so it waited for the next refresh (`refresh_interval_s`); the record fetched on
+        every new connection brings them sooner."""
+        self._dialler.learn_addrs(peer, addrs)
+        if not self._running or peer == self.peer_id_str:
+            return
+        pid = as_id(peer)
+        if self.is_connected(pid) and not self.dht.kad.routing_table.peer_in_table(pid):
+            self._nursery_start(self.dht.add_peer, pid)
+
     def _on_disconnected(self, conn: INetConn) -> None:
         pid = conn.muxed_conn.peer_id
         if not self.host.libp2p.get_network().connections.get(pid):
             self.table.set_connected(pid.to_base58(), False)
             log.debug("disconnected peer_id=%s", pid)
+            if self._running and len(self.connected_peers()) < self.limits.max_auto_connect:
+                # why: with py-libp2p's auto-connector off (peers/_dial.py) this is what
+                # replaces a lost connection: a discovery round (at most one per
+                # min_discovery_interval_s) dials known peers up to max_auto_connect
+                self._dht_wiring.wake_discovery()
 
     def _listen_ports(self) -> list[int]:
         ports = []
