@@ -547,7 +547,8 @@ def write_split_chart(path: Path, results: list[Result]) -> str | None:
             return None
 
     pts = [(num(r["RTT ms"]), num(r["split tok/s"]), num(r["bound tok/s"]),
-            num(r["whole tok/s"]), r["RPC answered cmds/token"]) for r in rows]
+            num(r["whole tok/s"]), r["RPC answered cmds/token"], num(r.get(BOUND_WHOLE)))
+           for r in rows]
     pts = [p for p in pts if p[0] is not None and p[1] is not None]
     if not pts:
         return "the split scenario did not run"
@@ -562,10 +563,12 @@ def write_split_chart(path: Path, results: list[Result]) -> str | None:
     xs = [p[0] for p in pts]
     ax.plot(xs, [p[1] for p in pts], "o-", color="C0", label="split, measured")
     ax.plot([p[0] for p in pts if p[2]], [p[2] for p in pts if p[2]], "s--", color="C1",
-            label="bound 1 / (RTs/token × RTT + compute/token)")
+            label="bound 1 / (RTs/token × RTT + the clean split's time/token)")
+    ax.plot([p[0] for p in pts if p[5]], [p[5] for p in pts if p[5]], "x-.", color="C3",
+            label="bound with the whole model's time/token, same rounds")
     ax.plot([p[0] for p in pts if p[3]], [p[3] for p in pts if p[3]], "^:", color="C2",
             label="whole model on one node")
-    for rtt, tps, _, _, rts in pts:
+    for rtt, tps, _, _, rts, _ in pts:
         ax.annotate(f"{tps:.1f} tok/s, {rts} RT/token", (rtt, tps), textcoords="offset points",
                     xytext=(6, 6), fontsize=7)
     ax.set_xlabel("round-trip time between head and worker, ms")
