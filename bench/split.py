@@ -38,6 +38,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import httpx
@@ -158,7 +159,7 @@ def main() -> int:
     ap.add_argument("--load-links", default="0,100",
                     help="link speeds in Mbit/s for the load comparison (0: loopback)")
     a = ap.parse_args()
-    rows: dict[str, list[tuple[str, float, float]]] = {}
+    rows: dict[str, list[tuple[str, float, float, dict[str, float]]]] = {}
     with temporary_mesh("qvacd-split-bench-") as m:
         model = model_path(m.template)
         m.add("head", "--memory-budget", "300MiB", "--ctx-size", CTX, "--threads", "1")
@@ -186,15 +187,34 @@ def main() -> int:
             servers = contextlib.ExitStack()
             with servers:
                 urls = {}
-                if anchor_bin:
+                if anchor_bin:  # the kernels of a qvacd split head: no repacking
                     urls["anchor"] = servers.enter_context(
-                        llama_server(model, anchor_bin, rpc_blocks=9))
+                        llama_server(model, anchor_bin, rpc_blocks=9, repack=False))
                     urls["local"] = servers.enter_context(
-                        llama_server(model, anchor_bin, rpc_blocks=0))
+                        llama_server(model, anchor_bin, rpc_blocks=0, repack=False))
                 else:
                     print(f"no llama-server/ggml-rpc-server in {a.llama_bin}: anchor left out")
+                worker = m.nodes["worker"]
+                runs: dict[str, Any] = {
+                    "whole": lambda: qvacd_stream(whole.api, PROMPT, a.max_tokens),
+                    "split": lambda: qvacd_stream(head.api, PROMPT, a.max_tokens)}
+                procs = {"whole": {"daemon": [whole.proc.pid]},
+                         "split": {"head": [head.proc.pid], "split process":
+                                   _children(head.proc.pid), "worker": [worker.proc.pid],
+                                   "RPC server": layers["server_pids"]}}
+                for name, url in urls.items():
+                    runs[name] = (lambda url=url: llama_complete(url, PROMPT, a.max_tokens))
+                    pids = _llama_pids(url)
+                    procs[name] = {"llama-server": pids[:1]}
+                    if pids[1:]:
+                        procs[name]["ggml-rpc-server"] = pids[1:]
+                moved = (layers["bytes_in"], layers["bytes_out"])
                 try:
-                    _rounds(a, rows, whole.api, head.api, urls)
+                    _rounds(a, rows, runs, procs)
+                    n = a.rounds * (a.max_tokens + 1)  # about: a prompt's step counts too
+                    after = worker.status()["layers"]
+                    print(f"split transport per token: {(after['bytes_in'] - moved[0]) / n:.0f}"
+                          f" B head->worker, {(after['bytes_out'] - moved[1]) / n:.0f} B back")
                 except AssertionError:
                     print("\n".join(ln for ln in head.log().splitlines()
                                     if "split" in ln or "level=warning" in ln)[-3000:])
@@ -295,30 +315,77 @@ def compare_load(root: Path, template: Path, rounds: int, links_mbit: list[float
         print(f"split load, {where}: without / with the file {med['bare'] / med['held']:.2f}x")
 
 
-def _rounds(a: argparse.Namespace, rows: dict, whole_api: str, head_api: str,
-            urls: dict[str, str]) -> None:
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(d.name))
+    return out
+
+
+def _cpu_s(pids: list[int]) -> float:
+    """User + system CPU seconds of these processes so far (0 for one that is gone)."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(f[11]) + int(f[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _llama_pids(url: str) -> list[int]:
+    """llama-server behind `url` and, with --rpc, its ggml-rpc-server."""
+    port = url.rsplit(":", 1)[1]
+    out = []
+    for pid in _children(os.getpid()):
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if b"--port" in argv and argv[argv.index(b"--port") + 1].decode() == port:
+            out.append(pid)
+            if b"--rpc" in argv:
+                rpc_port = argv[argv.index(b"--rpc") + 1].decode().rsplit(":", 1)[1]
+                out += [q for q in _children(os.getpid()) if rpc_port.encode() in
+                        Path(f"/proc/{q}/cmdline").read_bytes().split(b"\0")]
+    return out
+
+
+def _rounds(a: argparse.Namespace, rows: dict, runs: dict[str, Any],
+            procs: dict[str, dict[str, list[int]]]) -> None:
+    """`runs`: name -> () -> (text, tok/s, ttft); `procs`: name -> role -> pids, whose CPU
+    time per generated token is recorded beside (rows: text, tok/s, ttft, {role: ms})."""
     for _ in range(a.rounds):  # interleaved, so load changes hit all alike
-        rows.setdefault("whole", []).append(
-            qvacd_stream(whole_api, PROMPT, a.max_tokens))
-        rows.setdefault("split", []).append(
-            qvacd_stream(head_api, PROMPT, a.max_tokens))
-        for name, url in urls.items():
-            rows.setdefault(name, []).append(
-                llama_complete(url, PROMPT, a.max_tokens))
+        for name, run in runs.items():
+            before = {role: _cpu_s(pids) for role, pids in procs[name].items()}
+            text, tps, ttft = run()
+            cpu = {role: (_cpu_s(pids) - before[role]) * 1000 / a.max_tokens
+                   for role, pids in procs[name].items()}
+            rows.setdefault(name, []).append((text, tps, ttft, cpu))
 
 
 def _report(rows: dict) -> None:
     med = {k: (statistics.median(r[1] for r in v), statistics.median(r[2] for r in v))
            for k, v in rows.items()}
+    print("1 thread per process; split and anchor: 9 of 18 blocks on the worker, output head"
+          " and embeddings on the head, plain kernels (no repack) on both sides; whole: the"
+          " product's default (repacked); tok/s is wall clock on a shared machine (a"
+          " process that waits on RPC gets the CPU back sooner under load), CPU ms per"
+          " generated token is the work, whatever the load")
     for k, (tps, ttft) in med.items():
-        print(f"{k:7s} {tps:6.1f} tok/s   ttft {ttft * 1000:6.0f} ms")
+        roles = rows[k][0][3]
+        cpu = {role: statistics.median(r[3][role] for r in rows[k]) for role in roles}
+        parts = ", ".join(f"{role} {ms:.1f}" for role, ms in cpu.items())
+        print(f"{k:7s} {tps:6.1f} tok/s   ttft {ttft * 1000:6.0f} ms   CPU/token"
+              f" {sum(cpu.values()):5.1f} ms ({parts})")
     if "anchor" in med:
         print(f"split / anchor: {med['split'][0] / med['anchor'][0]:.2f} (goal >= 0.8)")
         print(f"split text == anchor text: {rows['split'][0][0] == rows['anchor'][0][0]}")
         print(f"anchor text == llama-server local text: "
-              f"{rows['anchor'][0][0] == rows['local'][0][0]}")
+              f"{rows['anchor'][0][0] == rows['local'][0][0]};"
+              f" split text == llama-server local text:"
+              f" {rows['split'][0][0] == rows['local'][0][0]}")
     print(f"split / whole: {med['split'][0] / med['whole'][0]:.2f};"
-          f" split text == whole text: {rows['split'][0][0] == rows['whole'][0][0]}")
+          f" split text == whole (repacked) text: {rows['split'][0][0] == rows['whole'][0][0]}")
 
 
 if __name__ == "__main__":

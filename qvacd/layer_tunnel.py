@@ -51,6 +51,7 @@ from protocol import (
 )
 
 from .p2p_io import Stream, StreamEnded, close_stream, read_some
+from .rpc_batch import RpcBatchReader
 
 log = logging.getLogger("qvacd.split")
 
@@ -248,9 +249,11 @@ class LayerTunnel:
         scanner = (SetTensorScanner(index.is_candidate, max_hold=self.hello.memory)
                    if index is not None else None)
 
+        batches = RpcBatchReader(tcp, _PUMP_READ)  # a token's commands in one write
+
         async def up() -> None:
             while True:
-                data = await tcp.receive_some(_PUMP_READ)
+                data = await batches.receive()
                 if not data:
                     break
                 try:
