@@ -78,6 +78,13 @@ class LanePlan:
     def total(self) -> int:
         return sum(self.want.values())
 
+    def summary(self) -> str:
+        """One line for the log: lanes per provider (the end of its id), the trials."""
+        lanes = ", ".join(f"{p[-8:]}: {n}" for p, n in self.want.items())
+        return (f"lanes {{{lanes}}} at {self.last_rate / 1e6:.1f} MB/s in the last window;"
+                f" {self.kept} added lane(s) kept, {self.taken_back} taken back as they"
+                " added no rate")
+
     # -- what happens ------------------------------------------------------------------
 
     def delivered(self, peer: str, n: int) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import functools
 import logging
 import re
 import time
@@ -627,11 +628,9 @@ class Puller:
         inflight = trio.Semaphore(opts.max_inflight)
         scopes: dict[str, trio.CancelScope] = {}
         plans = {} if plans is None else plans
-        # how many lanes each provider runs: see lanes.py
-        lanes = LanePlan([p for p in providers if p not in dl.dropped],
-                         start_lanes=opts.streams_per_provider,
-                         max_per_provider=opts.streams_per_provider,
-                         max_total=opts.max_inflight, now=time.monotonic())
+        lanes = LanePlan([p for p in providers if p not in dl.dropped],  # see lanes.py
+                         start_lanes=opts.streams_per_provider, max_total=opts.max_inflight,
+                         max_per_provider=opts.streams_per_provider, now=time.monotonic())
 
         def notify() -> None:
             changed[0].set()
@@ -655,9 +654,7 @@ class Puller:
 
         async def fetch_from(peer: str, slot: int, busy_since: list[float | None],
                              strikes: list[float], lane: ChunkLane) -> None:
-            def arrived(n: int) -> None:
-                lanes.delivered(peer, n)
-
+            arrived = functools.partial(lanes.delivered, peer)
             while left:
                 if slot >= lanes.lanes(peer):
                     if peer in dl.dropped:
@@ -684,26 +681,17 @@ class Puller:
                     notify()
                     return
                 try:
-                    async with inflight:
+                    await inflight.acquire()  # released by store() (or below, on a failure)
+                    try:
                         pieces = await self.shard.fetch_chunk(peer, manifest, index, lane,
                                                               arrived)
-                        good = await trio.to_thread.run_sync(partial.store_chunk, index, pieces)
-                        # Book-keeping with no checkpoint in between: a cancel arriving now
-                        # must not put a stored chunk back in the queue.
-                        finished = good
-                        if good and index in left:
-                            n = manifest.chunk_length(index)
-                            left.discard(index)
-                            done.add(index)
-                            dl.used.add(peer)
-                            dl.completed += n
-                            dl.fetched += n
-                            dl.samples.append((time.monotonic(), n))
-                            self.metrics.pull_bytes.inc(n)
-                            self.metrics.pull_chunks.labels("ok").inc()
-                    if not good:
-                        raise PeerFault(f"sent chunk {index} that failed its sha256 check",
-                                        "bad_chunk")
+                    except BaseException:
+                        inflight.release()
+                        raise
+                    # The hash and the write run while this lane asks for its next chunk:
+                    # a provider with one lane would otherwise idle through them.
+                    storing.start_soon(store, peer, index, pieces)
+                    finished = True  # store() owns the chunk now
                     busy_since[0] = None
                     strikes[0] = 0
                 except Busy as b:
@@ -741,6 +729,32 @@ class Puller:
                         pending.appendleft(index)  # someone else fetches it
                     notify()
 
+        async def store(peer: str, index: int, pieces: list[bytes]) -> None:
+            try:
+                good = await trio.to_thread.run_sync(partial.store_chunk, index, pieces)
+            except OSError as e:
+                raise self._disk_error(e, manifest) from None
+            finally:
+                inflight.release()
+            # Book-keeping with no checkpoint in between: a cancel arriving now must not
+            # lose a stored chunk or put it back in the queue.
+            if good and index in left:
+                n = manifest.chunk_length(index)
+                left.discard(index)
+                done.add(index)
+                dl.used.add(peer)
+                dl.completed += n
+                dl.fetched += n
+                dl.samples.append((time.monotonic(), n))
+                self.metrics.pull_bytes.inc(n)
+                self.metrics.pull_chunks.labels("ok").inc()
+            elif not good:
+                self.metrics.pull_chunks.labels("bad_chunk").inc()
+                if index in left:
+                    pending.appendleft(index)  # someone else fetches it
+                drop(peer, f"sent chunk {index} that failed its sha256 check", "bad_chunk")
+            notify()
+
         async def provider(peer: str) -> None:
             busy_since: list[float | None] = [None]
             # transient failure events in a row, all streams of this provider; when the
@@ -760,21 +774,21 @@ class Puller:
             while True:
                 await trio.sleep(0.25)
                 if lanes.tick(time.monotonic()):
-                    plog.debug("pull of %s: lanes now %s (%.1f MB/s in the last window)",
-                               dl.name, lanes.want, lanes.last_rate / 1e6)
+                    plog.debug("pull of %s: %s", dl.name, lanes.summary())
                     notify()
 
         with one_error():
             async with trio.open_nursery() as outer:
                 outer.start_soon(steer)
-                async with trio.open_nursery() as nursery:
-                    for peer in providers:
-                        if peer not in dl.dropped:
-                            nursery.start_soon(provider, peer)
+                # chunks being hashed and written: outside the providers' scopes, so a
+                # provider dropped meanwhile does not lose the good chunks it sent
+                async with trio.open_nursery() as storing:
+                    async with trio.open_nursery() as nursery:
+                        for peer in providers:
+                            if peer not in dl.dropped:
+                                nursery.start_soon(provider, peer)
                 outer.cancel_scope.cancel()
-        plog.info("pull of %s: lanes at the end %s; %d added lane(s) kept, %d taken back as"
-                  " they added no rate", dl.name,
-                  {p[-8:]: n for p, n in lanes.want.items()}, lanes.kept, lanes.taken_back)
+        plog.info("pull of %s: %s", dl.name, lanes.summary())
         if left:
             detail = "; ".join(f"{p}: {r}" for p, r in dl.dropped.items()) or "none answered"
             raise AllFailed(502, f"every provider of {dl.name} failed with {len(left)} of"
