@@ -173,6 +173,53 @@ def test_split_text_equals_llama_cpps_own_rpc_split(split_mesh):
     assert ours == theirs
 
 
+def test_three_nodes_split_with_two_workers_equal_the_whole_model(
+        tmp_path: Path, model_template: Path):
+    """A head and two workers, none of which can hold the model: the blocks are divided
+    over all three (two RPC devices, tensor_split), the answer names all three, and the
+    greedy text is the whole model's (same kernels, as above)."""
+    assert rpc_available(), REBUILD_HINT
+    m = Mesh(tmp_path / "three", model_template)
+    m.add("head", *HEAD_ARGS)
+    workers = ("worker1", "worker2")
+    for w in workers:
+        m.add(w, "--memory-budget", "300MiB", "--layers-memory", "80MiB", "--ctx-size", CTX,
+              "--threads", "1")
+        m.trust(w, "head", ["layers"])
+        m.trust("head", w, ["provider"])
+    whole = PlainKernelDaemon(clone_data_dir(model_template, tmp_path / "whole-plain"),
+                              "--no-p2p", "--ctx-size", CTX, "--threads", "1", name="whole")
+    try:
+        for w in workers:
+            m.start(w)
+        m.start("head", bootstrap=list(workers))
+        whole.start()
+        m.wait_peers("head", list(workers), timeout=30)
+        head = m.nodes["head"]
+        for node in m.nodes.values():
+            assert not node.status()["models"][0]["fits_budget"]
+        plan = httpx.get(head.api + "/qvac/plan", params={"model": MODEL}, timeout=30).json()
+        layers = {d["device"]: d["layers"] for d in plan["devices"]}
+        assert set(layers) == {"local", m.ids["worker1"], m.ids["worker2"]}, layers
+        assert all(n > 0 for n in layers.values()) and sum(layers.values()) == 18, layers
+        body = {"model": MODEL, "prompt": EQUAL_PROMPTS[1], "max_tokens": 48,
+                "temperature": 0}
+        r = httpx.post(head.api + "/v1/completions", json=body, timeout=600)
+        assert r.status_code == 200, r.text
+        served = r.headers["x-qvac-served-by"].split(",")  # the head, then the plan's order
+        assert served[0] == m.ids["head"] and len(served) == 3
+        assert set(served[1:]) == {m.ids["worker1"], m.ids["worker2"]}, served
+        for w in workers:
+            st = m.nodes[w].status()["layers"]
+            assert st["bytes_in"] > 0 and len(st["server_pids"]) == 1, (w, st)
+        w = httpx.post(whole.api + "/v1/completions", json=body, timeout=600)
+        assert w.status_code == 200, w.text
+        assert r.json()["choices"][0]["text"] == w.json()["choices"][0]["text"]
+    finally:
+        whole.stop()
+        m.stop_all()
+
+
 def _listening_inodes() -> dict[int, str]:
     """inode -> local address of every listening TCP socket on this machine."""
     out: dict[int, str] = {}
