@@ -16,7 +16,7 @@ TICK = 0.25
 
 
 def plan(providers: list[str], **kw: object) -> LanePlan:
-    args: dict = dict(start_lanes=4, max_per_provider=4, max_total=16, now=0.0)
+    args: dict = {"start_lanes": 4, "max_per_provider": 4, "max_total": 16, "now": 0.0}
     args.update(kw)
     return LanePlan(providers, **args)
 

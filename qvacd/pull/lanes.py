@@ -16,8 +16,8 @@ is found and dropped as before, and a working one is a warm fallback), but three
 providers cost about what one does. Then, once per window, the puller tries one more lane
 on the provider delivering the most per lane, and keeps it only if the pull's aggregate
 rate grew by at least half of what one lane carried on average (`gain` at the least:
-window-to-window noise); a lane that added nothing is taken back and nothing more is tried for
-`cooldown_s`. A provider that is dropped (stalled, lying, gone) hands its lanes to the
+window-to-window noise); a lane that added nothing is taken back and nothing more is
+tried for `cooldown_s`. A provider that is dropped (stalled, lying, gone) hands its lanes to the
 others, so the pull keeps its width. Pure logic, no I/O: tests/test_pull_lanes.py drives
 it with a fake clock.
 """

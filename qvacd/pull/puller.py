@@ -782,11 +782,10 @@ class Puller:
                 outer.start_soon(steer)
                 # chunks being hashed and written: outside the providers' scopes, so a
                 # provider dropped meanwhile does not lose the good chunks it sent
-                async with trio.open_nursery() as storing:
-                    async with trio.open_nursery() as nursery:
-                        for peer in providers:
-                            if peer not in dl.dropped:
-                                nursery.start_soon(provider, peer)
+                async with trio.open_nursery() as storing, trio.open_nursery() as nursery:
+                    for peer in providers:
+                        if peer not in dl.dropped:
+                            nursery.start_soon(provider, peer)
                 outer.cancel_scope.cancel()
         plog.info("pull of %s: %s", dl.name, lanes.summary())
         if left:
