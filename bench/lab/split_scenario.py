@@ -486,7 +486,8 @@ async def _conditions(lab: Lab, opt: Options, res: Result, head: LabNode, worker
             f" (split/bound {row['split/bound whole']}) |"
             f" {row['capture']}")
         res.check(not bad, f"{imp}: {len(bad)} streams failed: "
-                           + "; ".join(f"{r.kind} {r.error}" for r in bad[:3]))
+                           + "; ".join(f"{r.kind} {r.error}" for r in bad[:3])
+                           + f"; head<->worker TCP meanwhile: {row['link opens/closes'][:400]}")
         res.check(not wrong, f"{imp}: served by the wrong nodes: {wrong[:2]}")
         res.check(rpc_rt is not None and rpc_rt >= 1.0,
                   f"{imp}: {row['RPC answered cmds/token']} answered RPC commands per token:"
