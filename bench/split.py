@@ -5,10 +5,16 @@ Four ways to run gemma3-270m, greedy, same prompt, 1 thread per process:
 - split:   a qvacd head (budget too small) + a qvacd worker (--layers-memory): the last 9
            of 18 layers on the worker over /qvac/layers/1.0.0 on loopback;
 - anchor:  llama.cpp's ggml-rpc-server + llama-server --rpc over plain TCP on loopback,
-           the same split (-ngl 10 with the output head kept on the host: 9 blocks remote);
-- local:   llama-server without RPC (the anchor's own whole-model baseline).
-Reported: tokens/s and TTFT (median of rounds), split/anchor ratio (goal >= 0.8), the
-first-request load time of the split, and whether the texts agree.
+           the same split (-ngl 10 with the output head kept on the host: 9 blocks remote),
+           --no-repack (the plain kernels of our split head: models/split_load.py);
+- local:   llama-server without RPC, --no-repack (the anchor's own whole-model baseline).
+Reported: tokens/s and TTFT (median of rounds), CPU ms per generated token of every
+process of each (the work, which the machine's load does not change), split/anchor ratio
+(goal >= 0.8), RPC bytes per token over the tunnel, the first-request load time of the
+split, and whether the texts agree. Why the anchor beats `local` in tokens/s at the same
+CPU per token: on a loaded machine two processes that take turns and sleep on RPC get the
+CPU back sooner than one that computes all along; the split profits alike, so compare
+split with anchor, and CPU per token with CPU per token.
 
 Load time (`compare_load`, first): the split's first token of its first request, with the
 worker holding the model file (its weights read from its own copy: SET_TENSOR_FROM_FILE)
