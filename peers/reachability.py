@@ -142,26 +142,39 @@ class Reachability:
         await stream.write(bytes([REACHABLE if ok else UNREACHABLE]))
 
     async def _dial_back(self, peer: ID, ip: str, ports: list[int]) -> bool:
+        """TCP connect and a Noise handshake that proves `peer` answers there, then close.
+
+        why not swarm.dial_addr: a registered second connection makes py-libp2p trim the
+        older one (max_connections_per_peer=1, peers/host.py), streams and all, on both
+        sides: every dial-back cut the requester's open streams (a split model's layer
+        session, a delegated answer). Stopping after the security upgrade registers
+        nothing: no muxer, no add_conn, no trim; the requester's half-upgraded inbound
+        connection ends when we close."""
         proto = "ip6" if ":" in ip else "ip4"
         swarm = self.host.get_network()
         for port in ports:
             if not 0 < port < 65536:
                 continue
             addr = multiaddr.Multiaddr(f"/{proto}/{ip}/tcp/{port}")
-            conn = None
+            raw = None
             try:
                 with trio.fail_after(self.dial_timeout_s):
-                    # a fresh connection: dial_addr never reuses the one we have
-                    conn = await swarm.dial_addr(addr, peer)
+                    transport = swarm.transport_manager.transport_for_dialing(addr)
+                    if transport is None:
+                        continue
+                    raw = await transport.dial(addr)
+                    secured = await swarm.upgrader.upgrade_security(raw, True, peer)
+                    if secured.get_remote_peer() != peer:
+                        continue
                 return True
             except (Exception, trio.TooSlowError):
                 continue
             finally:
-                if conn is not None:
+                if raw is not None:
                     with trio.move_on_after(2) as scope:
                         scope.shield = True
                         try:
-                            await conn.close()
+                            await raw.close()
                         except Exception:
                             pass
         return False
