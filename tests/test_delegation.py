@@ -275,3 +275,138 @@ def test_cut_answer_with_no_peer_left_ends_in_an_error(mesh):
     assert mesh.ids["desktop"][:16] in cut, cut
     assert 10 <= len(pieces) < 300
     assert small.status()["peer_id"] == mesh.ids["laptop"]  # the consumer lives on
+
+
+# ---- sampling options across the wire ----------------------------------------------------
+
+SAMPLING_PROMPT = "The capital of France is"
+# Each changes the answer to SAMPLING_PROMPT with the default model (checked below): a
+# stronger repeat penalty under greedy decoding, and top_k / min_p under a fixed seed.
+SAMPLING_KNOBS = {
+    "repeat_penalty": ({"temperature": 0}, {"repeat_penalty": 1.3}),
+    "top_k": ({"temperature": 1.0, "seed": 7}, {"top_k": 1}),
+    "min_p": ({"temperature": 1.0, "seed": 7}, {"min_p": 0.5}),
+}
+
+
+def _completion(node: Daemon, base: dict, knobs: dict) -> tuple[str, str]:
+    """(served by, text) of an OpenAI completion with llama.cpp's extension fields."""
+    oai = openai.OpenAI(base_url=node.api + "/v1", api_key="x", max_retries=0, timeout=3000)
+    raw = oai.completions.with_raw_response.create(
+        model=MODEL, prompt=SAMPLING_PROMPT, max_tokens=12, **base, extra_body=knobs)
+    return raw.headers["x-qvac-served-by"], raw.parse().choices[0].text
+
+
+# One mesh per knob, few tokens: each test ends well before the two-minute mark where
+# the nodes' reachability re-check has been seen to cut the connection mid-answer.
+@pytest.mark.parametrize("knob", [*SAMPLING_KNOBS, "ollama"])
+def test_sampling_options_reach_the_provider(mesh, knob):
+    """top_k, min_p and repeat_penalty (OpenAI extension fields, Ollama options) are
+    applied by the provider: a delegated answer is the provider's own answer to the same
+    request, and differs from the answer without the knob. (Before InferRequest carried
+    them the provider sampled with its defaults, and a delegated Ollama request lost its
+    default repeat_penalty 1.1.)"""
+    small, big = small_and_big(mesh)
+    desktop = mesh.ids["desktop"]
+    if knob != "ollama":
+        base, knobs = SAMPLING_KNOBS[knob]
+        served, delegated = _completion(small, base, knobs)
+        assert served == desktop
+        served_here, local = _completion(big, base, knobs)
+        assert served_here == desktop and delegated == local, (delegated, local)
+        _, without = _completion(small, base, {})
+        assert without != delegated, "the knob does not change the answer; pick another"
+        return
+    options = {"temperature": 0, "num_predict": 12}
+    delegated = ollama.Client(host=small.api).generate(
+        model=MODEL, prompt=SAMPLING_PROMPT, options=options).response
+    local = ollama.Client(host=big.api).generate(
+        model=MODEL, prompt=SAMPLING_PROMPT, options=options).response
+    assert delegated == local
+    # repeat_last_n 0 turns Ollama's default repeat penalty (1.1) off: another answer,
+    # so the default penalty did cross the wire
+    unpenalized = ollama.Client(host=small.api).generate(
+        model=MODEL, prompt=SAMPLING_PROMPT, options={**options, "repeat_last_n": 0}).response
+    assert unpenalized != delegated
+    assert httpx.get(small.api + "/qvac/peers").json()["peers"][0]["served"] >= 2
+
+
+@pytest.mark.timeout(600)
+def test_provider_that_ignores_sampling_options_is_not_used_for_them(mesh, tmp_path):
+    """A provider from before InferRequest.top_k/min_p/repeat_penalty (tests/bad_provider.py
+    `grammar-blind` predates them too: its Accepted says nothing of them) would sample with
+    its defaults: it is not used for a request that needs them, and is not counted as
+    failed; a request whose knobs cannot change the answer still goes to it."""
+    import subprocess
+    import sys
+
+    from tests.harness import REPO
+
+    sha = json.loads((mesh.template / "models" / "index.json").read_text())[
+        "models"][MODEL]["sha256"]
+    old_dir = tmp_path / "old"
+    old_dir.mkdir()
+    old_id = load_or_create_identity(old_dir).peer_id_str
+    old_port = free_port()
+    mesh.add("laptop", "--memory-budget", "64MiB")
+    mesh.add("desktop")
+    TrustStore.in_dir(old_dir).add(mesh.ids["laptop"], ALL)
+    TrustStore.in_dir(mesh.root / "laptop").add(old_id, ALL)
+    mesh.ids["old"] = old_id
+    mesh.trust("laptop", "desktop", ALL)
+    mesh.trust("desktop", "laptop", ALL)
+    old = subprocess.Popen([sys.executable, str(REPO / "tests" / "bad_provider.py"),
+                            str(old_dir), str(old_port), "grammar-blind", sha], cwd=REPO,
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert old.stdout.readline().strip() == "ready"
+        big = mesh.start("desktop")
+        small = mesh.nodes["laptop"]
+        small.args += ["--bootstrap", f"/ip4/127.0.0.1/tcp/{old_port}/p2p/{old_id}"]
+        mesh.start("laptop", bootstrap=["desktop"])
+        mesh.wait_peers("laptop", ["desktop", "old"])
+        # Without knobs the old provider is the first choice (its record says fast) ...
+        served, text = _completion(small, {"temperature": 0}, {})
+        assert served == old_id and text.startswith("not JSON"), (served, text)
+        # ... and top_k at temperature 0 is left out (greedy ignores it): still the old one
+        served, _ = _completion(small, {"temperature": 0}, {"top_k": 1})
+        assert served == old_id
+        # With a knob that changes the answer, its Accepted lacks `sampling`: nothing of
+        # it is read, and the desktop answers as it would itself.
+        base, knobs = SAMPLING_KNOBS["repeat_penalty"]
+        served, text = _completion(small, base, knobs)
+        assert served == mesh.ids["desktop"]
+        assert text == _completion(big, base, knobs)[1]
+        # Ollama's defaults (repeat_penalty 1.1) need a provider that applies them too.
+        reply = ollama.Client(host=small.api).generate(
+            model=MODEL, prompt=SAMPLING_PROMPT, options={"temperature": 0, "num_predict": 12})
+        assert not reply.response.startswith("not JSON"), reply.response
+        peers = {p["peer_id"]: p for p in httpx.get(small.api + "/qvac/peers").json()["peers"]}
+        assert peers[old_id]["failures"] == 0  # refused, not failed: no back-off
+    finally:
+        old.kill()
+        old.wait()
+
+
+def test_wire_request_carries_only_knobs_that_change_the_answer():
+    from models.engine import GenerationRequest
+    from protocol import DEFAULT_MIN_P, DEFAULT_REPEAT_PENALTY, DEFAULT_TOP_K
+    from qvacd.delegation import RemoteInference
+
+    # An absent knob means the spec's default: the engine's own defaults are the same.
+    bare = GenerationRequest(model=MODEL, prompt="p")
+    assert (bare.top_k, bare.min_p, bare.repeat_penalty) == (
+        DEFAULT_TOP_K, DEFAULT_MIN_P, DEFAULT_REPEAT_PENALTY)
+    # _wire_request reads nothing of the network: a remote without one builds requests
+    wire = RemoteInference("me", network=None)._wire_request  # type: ignore[arg-type]
+    req = wire(bare, "", 8, 1000)
+    assert not req.sets_sampling
+    sampled = GenerationRequest(model=MODEL, prompt="p", temperature=0.7, top_k=0, min_p=0.0,
+                                repeat_penalty=1.1, seed=3)
+    req = wire(sampled, "so far", 8, 1000)
+    assert (req.top_k, req.min_p, req.repeat_penalty, req.seed, req.resume) == (
+        0, 0.0, 1.1, 3, "so far")  # a failover's resume keeps them too
+    greedy = GenerationRequest(model=MODEL, prompt="p", temperature=0.0, top_k=1, min_p=0.9,
+                               repeat_penalty=1.1)
+    req = wire(greedy, "", None, 1000)
+    assert (req.top_k, req.min_p, req.repeat_penalty) == (None, None, 1.1)
