@@ -278,7 +278,11 @@ class CapacitySync:
             self.seq_tracker.check(rec, data)
         except RecordError as exc:
             self._count_reject(exc.reason)
-            log.warning(
+            # why DEBUG for an older seq: a fetched answer that crosses the peer's newer
+            # push arrives after it; routine, and the table already holds the newer one
+            stale = exc.reason == "replayed" and "is older than" in str(exc)
+            log.log(
+                logging.DEBUG if stale else logging.WARNING,
                 "capacity record from peer %s rejected: %s; not stored, the table keeps "
                 "what it had", short_peer_id(peer), exc,
             )
