@@ -297,8 +297,8 @@ def _completion(node: Daemon, base: dict, knobs: dict) -> tuple[str, str]:
     return raw.headers["x-qvac-served-by"], raw.parse().choices[0].text
 
 
-# One mesh per knob, few tokens: each test ends well before the two-minute mark where
-# the nodes' reachability re-check has been seen to cut the connection mid-answer.
+# One mesh per knob, few tokens: short tests (before 9e5f2cb, the reachability re-check
+# two minutes after start cut the connection, and a mesh that old lost its answer).
 @pytest.mark.parametrize("knob", [*SAMPLING_KNOBS, "ollama"])
 def test_sampling_options_reach_the_provider(mesh, knob):
     """top_k, min_p and repeat_penalty (OpenAI extension fields, Ollama options) are

@@ -165,3 +165,67 @@ async def test_grammar_on_the_wire(tmp_path: Path, model_template: Path):
         assert daemon.proc.poll() is None
     finally:
         daemon.stop()
+
+
+async def test_sampling_knobs_on_the_wire(tmp_path: Path, model_template: Path):
+    """InferRequest.top_k/min_p/repeat_penalty against a real provider: Accepted says they
+    are applied, the text is the provider's own HTTP answer with the same knobs (and not
+    the default answer), a resume continues the penalized answer, and out-of-range or
+    mistyped knobs are refused before anything is generated."""
+    import httpx
+
+    data = clone_data_dir(model_template, tmp_path / "provider")
+    provider_id = load_or_create_identity(data).peer_id_str
+    me = Identity.generate()
+    TrustStore.in_dir(data).add(me.peer_id_str, ["consumer"])
+    port = free_port()
+    daemon = Daemon(data, "--listen", f"/ip4/127.0.0.1/tcp/{port}")
+    daemon.start()
+    prompt = "The capital of France is"
+
+    def http_text(**knobs) -> str:
+        r = httpx.post(daemon.api + "/v1/completions", timeout=600, json={
+            "model": MODEL, "prompt": prompt, "max_tokens": 12, "temperature": 0, **knobs})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    try:
+        client = make_host(me.keypair, ["/ip4/127.0.0.1/tcp/0"])
+        async with client.run():
+            addr = multiaddr.Multiaddr(f"/ip4/127.0.0.1/tcp/{port}/p2p/{provider_id}")
+            info = info_from_p2p_addr(addr)
+            await client.libp2p.connect(info)
+
+            def ask(**kw) -> bytes:
+                return encode_frame(InferRequest(model=MODEL, prompt=prompt, max_tokens=12,
+                                                 temperature=0.0, deadline_ms=120_000, **kw))
+
+            reply = await exchange(client, info.peer_id, ask(repeat_penalty=1.3), read_all=True)
+            assert isinstance(reply[0], Accepted) and reply[0].sampling is True, reply
+            assert isinstance(reply[-1], Done), reply
+            pieces = [m.text for m in reply[1:-1]]
+            penalized = "".join(pieces)
+            assert penalized == await trio.to_thread.run_sync(
+                lambda: http_text(repeat_penalty=1.3))
+            plain = await exchange(client, info.peer_id, ask(), read_all=True)
+            assert plain[0].sampling is None  # nothing to acknowledge
+            assert "".join(m.text for m in plain[1:-1]) != penalized
+            # a failover's resume, penalty and all: the rest of the same answer
+            head = "".join(pieces[:4])
+            rest = await exchange(client, info.peer_id, ask(repeat_penalty=1.3, resume=head),
+                                  read_all=True)
+            assert rest[0].sampling is True and isinstance(rest[-1], Done), rest
+            assert head + "".join(m.text for m in rest[1:-1]) == penalized
+            bad = {"t": "req", "model": MODEL, "prompt": prompt, "deadline_ms": 5000}
+            for extra, code, words in [
+                ({"repeat_penalty": -1.0}, ErrorCode.BAD_REQUEST, "repeat_penalty must be"),
+                ({"min_p": 2.0}, ErrorCode.BAD_REQUEST, "min_p must be"),
+                ({"top_k": "40"}, ErrorCode.PROTOCOL, "top_k must be an int"),
+            ]:
+                body = msgpack.packb({**bad, **extra})
+                reply = await exchange(client, info.peer_id, encode_varint(len(body)) + body)
+                assert len(reply) == 1 and reply[0].code == code, (extra, reply)
+                assert words in reply[0].message, reply
+        assert daemon.proc.poll() is None
+    finally:
+        daemon.stop()
