@@ -55,7 +55,8 @@ from peers import NetworkLimits, PeerNetwork
 from peers.device import DeviceInfo
 from peers.guard import GuardConfig
 from peers.identity import Identity, as_id
-from peers.records import CapacityRecord, ModelInfo
+from peers.dht import model_key, placement_target
+from peers.records import CapacityRecord, ModelInfo, RecordError, capacity_key, verify_record
 
 DEVICE = DeviceInfo("cpu", "bench", 8 << 30, 4 << 30)
 # Background work (capacity polling, discovery, republishing) is turned down so that the
@@ -168,20 +169,73 @@ class Worker:
             out["closer"] = len(r)
         return out
 
+    async def holdings(self, peers: list[str], shas: list[str]) -> dict[str, Any]:
+        """Diagnostics: per node here, whose capacity records (still valid) its value store
+        holds and which providers it holds per model."""
+        now = time.time()
+        out: dict[str, Any] = {}
+        for i, net in self.nets.items():
+            kad = net.dht.kad
+            recs = []
+            for p in peers:
+                got = kad.value_store.get(capacity_key(p).encode())
+                if got is not None and got.value:
+                    try:
+                        verify_record(got.value, now=now, expected_peer_id=p)
+                        recs.append(p)
+                    except RecordError:
+                        pass
+            provs = {sha: [pi.peer_id.to_base58() for pi in
+                           kad.provider_store.get_providers(bytes.fromhex(model_key(sha)))]
+                     for sha in shas}
+            out[str(i)] = {"recs": recs, "provs": provs, "rt": kad.get_routing_table_size()}
+        return out
+
     async def lookup_cap(self, idx: int, peer: str, timeout: float) -> dict[str, Any]:
+        vs = self.nets[idx].dht.kad.value_store
+        asked: list[str] = []
+        had: list[str] = []
+        real = vs._get_from_peer
+
+        async def traced(pid: Any, key: bytes, **kw: Any) -> Any:  # diagnostics: who was asked
+            asked.append(pid.to_base58())
+            got = await real(pid, key, **kw)
+            if isinstance(got, tuple) and got[0]:
+                had.append(pid.to_base58())
+            return got
+
+        vs._get_from_peer = traced
         t = time.perf_counter()
-        rec = await self.nets[idx].lookup_capacity(peer, timeout=timeout)
-        return {"t": time.perf_counter() - t, "ok": rec is not None and rec.peer_id == peer}
+        try:
+            rec = await self.nets[idx].lookup_capacity(peer, timeout=timeout)
+        finally:
+            del vs._get_from_peer
+        return {"t": time.perf_counter() - t, "ok": rec is not None and rec.peer_id == peer,
+                "asked": asked, "had": had}
 
     async def find_prov(self, idx: int, sha: str, timeout: float) -> dict[str, Any]:
+        ps = self.nets[idx].dht.kad.provider_store
+        asked: list[str] = []
+        real = ps._get_providers_from_peer_with_closers
+
+        async def traced(pid: Any, key: bytes) -> Any:  # diagnostics: who was asked
+            asked.append(pid.to_base58())
+            return await real(pid, key)
+
+        ps._get_providers_from_peer_with_closers = traced
         t = time.perf_counter()
-        got = await self.nets[idx].find_model_providers(sha, timeout=timeout, include_table=False)
-        return {"t": time.perf_counter() - t, "got": got}
+        try:
+            got = await self.nets[idx].find_model_providers(
+                sha, timeout=timeout, include_table=False)
+        finally:
+            del ps._get_providers_from_peer_with_closers
+        return {"t": time.perf_counter() - t, "got": got, "asked": asked}
 
 
 async def worker_main() -> None:
     logging.basicConfig(level=logging.ERROR)
-    logging.getLogger("libp2p").setLevel(logging.CRITICAL)
+    # why the variable: --diag runs can see the library's warnings (failed stream opens...)
+    logging.getLogger("libp2p").setLevel(os.environ.get("DHT_BENCH_LIBP2P_LOG", "CRITICAL"))
     # why: replies go on the real stdout; anything else that prints lands on stderr
     reply_fd = os.dup(1)
     os.dup2(2, 1)
@@ -296,8 +350,58 @@ def home(i: int, procs: int) -> int:
     return 0 if i == 0 or procs == 1 else 1 + (i - 1) % (procs - 1)
 
 
-async def run_size(n: int, procs: int, lookups: int, rng: random.Random, budget_s: float
-                   ) -> dict[str, Any]:
+def closest_order(peers: list[str], key: bytes) -> list[str]:
+    """`peers` from closest to farthest from DHT key `key`, as Kademlia measures it."""
+    target = int.from_bytes(hashlib.sha256(key).digest(), "big")
+
+    def dist(p: str) -> int:
+        return target ^ int.from_bytes(hashlib.sha256(as_id(p).to_bytes()).digest(), "big")
+
+    return sorted(peers, key=dist)
+
+
+def cap_key(peer: str) -> bytes:
+    return placement_target(capacity_key(peer).encode())
+
+
+async def placement(workers: list[WorkerProc], peers: list[str], shas: list[str],
+                    holder: dict[int, str]) -> dict[str, Any]:
+    """Diagnostics: how many nodes hold each record / provider entry, and how many of the
+    8 Kademlia-closest nodes (of all N) do."""
+    held: dict[str, Any] = {}
+    for w in workers:
+        held.update(await w.call("holdings", peers=peers, shas=shas))
+    by_peer = {peers[int(i)]: v for i, v in held.items()}
+    copies, in8 = [], []
+    for p in peers:
+        holders = {q for q, v in by_peer.items() if p in v["recs"]}
+        copies.append(len(holders))
+        in8.append(len(holders & set(closest_order(peers, cap_key(p))[:8])))
+    pcopies, pin8 = [], []
+    for sha in shas:
+        top8 = set(closest_order(peers, bytes.fromhex(model_key(sha)))[:8])
+        for i, h in holder.items():
+            if h != sha:
+                continue
+            holders = {q for q, v in by_peer.items() if peers[i] in v["provs"][sha]}
+            pcopies.append(len(holders))
+            pin8.append(len(holders & top8))
+    return {"cap_copies": statistics.median(copies), "cap_copies_min": min(copies),
+            "cap_in8": statistics.median(in8), "cap_in8_zero": sum(x == 0 for x in in8),
+            "prov_copies": statistics.median(pcopies), "prov_copies_min": min(pcopies),
+            "prov_in8": statistics.median(pin8), "prov_in8_zero": sum(x == 0 for x in pin8),
+            "by_peer": by_peer}
+
+
+def diag_line(pl: dict[str, Any]) -> str:
+    return (f"capacity records: copies median {pl['cap_copies']} min {pl['cap_copies_min']}, "
+            f"at the 8 closest median {pl['cap_in8']} (none there: {pl['cap_in8_zero']}); "
+            f"provider entries: copies median {pl['prov_copies']} min {pl['prov_copies_min']}, "
+            f"at the 8 closest median {pl['prov_in8']} (none there: {pl['prov_in8_zero']})")
+
+
+async def run_size(n: int, procs: int, lookups: int, rng: random.Random, budget_s: float,
+                   diag: bool = False) -> dict[str, Any]:
     size_t0 = time.monotonic()
     n_models = max(1, n // 4)
     shas = [hashlib.sha256(f"model-{i}".encode()).hexdigest() for i in range(n_models)]
@@ -335,6 +439,9 @@ async def run_size(n: int, procs: int, lookups: int, rng: random.Random, budget_
         progress(f"{n} nodes started in {started:.0f} s in {procs} processes")
         # Let discovery settle, then have everyone (re)publish into the fuller DHT.
         settle_s = await settle(workers, n)
+        if diag:
+            for i in rng.sample(range(n), 3):
+                progress(f"walk from node {i}: {await workers[home(i, procs)].call('walk', idx=i)}")
         for w in workers:
             await w.call("publish")
         await trio.sleep(1.0)
@@ -342,6 +449,9 @@ async def run_size(n: int, procs: int, lookups: int, rng: random.Random, budget_
         st = await all_stats(workers)
         rt, conns = list(st.rt.values()), list(st.conns.values())
         progress(f"{n} nodes, timing lookups: {st.line()}")
+        pl = await placement(workers, peers, shas, holder) if diag else None
+        if pl is not None:
+            progress(diag_line(pl))
 
         cap_t: list[float] = []
         cap_ok = 0
@@ -355,6 +465,14 @@ async def run_size(n: int, procs: int, lookups: int, rng: random.Random, budget_
             r = await workers[home(src, procs)].call("lookup_cap", idx=src, peer=peers[dst], timeout=5)
             cap_t.append(r["t"])
             cap_ok += bool(r["ok"])
+            if pl is not None and not r["ok"]:
+                order = closest_order(peers, cap_key(peers[dst]))
+                holders = {q for q, v in pl["by_peer"].items() if peers[dst] in v["recs"]}
+                progress(f"  capacity miss {r['t'] * 1000:.0f} ms: holders at ranks "
+                         f"{sorted(order.index(q) for q in holders)}; asked ranks "
+                         f"{[order.index(q) for q in r['asked']]}, answered with it "
+                         f"{[order.index(q) for q in r['had']]}; asker rt "
+                         f"{pl['by_peer'][peers[src]]['rt']}")
         progress(f"capacity lookups done: p50 {pct(cap_t, 0.5) * 1000:.0f} ms")
 
         prov_t: list[float] = []
@@ -369,6 +487,15 @@ async def run_size(n: int, procs: int, lookups: int, rng: random.Random, budget_
             r = await workers[home(src, procs)].call("find_prov", idx=src, sha=sha, timeout=5)
             prov_t.append(r["t"])
             recall.append(len(truth & set(r["got"])) / len(truth) if truth else 1.0)
+            if pl is not None and truth - set(r["got"]):
+                order = closest_order(peers, bytes.fromhex(model_key(sha)))
+                missing = truth - set(r["got"])
+                where = {m: sorted(order.index(q) for q, v in pl["by_peer"].items()
+                                   if m in v["provs"][sha]) for m in missing}
+                progress(f"  providers {len(truth & set(r['got']))}/{len(truth)} "
+                         f"{r['t'] * 1000:.0f} ms: asked ranks "
+                         f"{[order.index(q) for q in r['asked']]}; each missing one is held "
+                         f"at ranks {list(where.values())}")
 
         result = {
             "nodes": n,
@@ -434,7 +561,7 @@ async def main(args: argparse.Namespace) -> None:
     rng = random.Random(args.seed)
     print(HEADER, flush=True)
     for n in (int(x) for x in args.sizes.split(",")):
-        await run_size(n, args.procs, args.lookups, rng, args.budget_s)
+        await run_size(n, args.procs, args.lookups, rng, args.budget_s, args.diag)
     print(f"wall time {time.monotonic() - t0:.0f} s; goal: p95 < 1000 ms at 64 nodes "
           "(on this machine's 2 cores, shared with whatever else runs)", flush=True)
 
@@ -447,6 +574,8 @@ if __name__ == "__main__":
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--budget-s", type=float, default=45.0,
                     help="most seconds per size for each kind of lookup (fewer lookups then)")
+    ap.add_argument("--diag", action="store_true",
+                    help="print where records are held and, per miss, whom the lookup asked")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:

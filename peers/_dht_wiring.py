@@ -73,7 +73,8 @@ class DhtWiring:
         # our last put had no peer to go to: the next connection should bring a put
         self.had_no_peers = True
         self._retry_s = _DHT_RETRY_S
-        self._provided: dict[str, float] = {}  # model sha256 -> when announced well
+        # model sha256 -> (when announced well, the peers that took it)
+        self._provided: dict[str, tuple[float, set[ID]]] = {}
         self._wake_discovery = trio.Event()
 
     def connected_peers(self) -> list[str]:
@@ -114,8 +115,12 @@ class DhtWiring:
                 del self._provided[sha]  # its provider records expire on their own
 
         def due(sha: str) -> bool:
-            last = self._provided.get(sha, -math.inf)
-            return now - last >= self.limits.reprovide_interval_s
+            last = self._provided.get(sha)
+            if last is None or now - last[0] >= self.limits.reprovide_interval_s:
+                return True
+            # why: announced while our routing table was small (on joining), it went to
+            # whoever we knew then; announce again once we know its closest peers
+            return self.dht.closest_missed(sha, last[1])
 
         due_models = [sha for sha in held if due(sha)]
         # why the batch: the library refuses more than 10 ADD_PROVIDER per 10 s from one
@@ -124,8 +129,8 @@ class DhtWiring:
             with trio.move_on_after(15):
                 sent = await self.dht.provide(sha)
                 self.counters["dht_provided"] += 1
-                if sent >= want:
-                    self._provided[sha] = now
+                if len(sent) >= want:
+                    self._provided[sha] = (now, sent)
                     continue
             retry = True
         if len(due_models) > PROVIDE_BATCH:
