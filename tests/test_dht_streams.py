@@ -16,7 +16,8 @@ from peers import NetworkLimits, PeerNetwork
 from peers._dht_streams import DhtHost, guard_inbound
 from peers.device import DeviceInfo
 from peers.identity import Identity
-from peers.records import CapacityRecord
+from peers.dht import model_key
+from peers.records import CapacityRecord, ModelInfo
 
 pytestmark = pytest.mark.trio
 
@@ -139,3 +140,34 @@ async def test_a_peer_that_dialled_us_enters_the_routing_table_with_its_record()
         await _until(lambda: (e := b.table.get(a.peer_id_str)) is not None
                      and e.record is not None)
         await _until(lambda: b.dht.kad.routing_table.peer_in_table(a.peer_id), timeout=5.0)
+
+
+async def test_a_model_is_announced_again_to_close_peers_met_after_joining() -> None:
+    """a announces its model on joining, when it knows only b; c, d and e join later and
+    enter a's routing table. a's next publish round announces the model to them, not
+    only at the 300 s re-announce: lookups ask the closest peers they know, and entries
+    left at whoever a met first were missed (bench/dht_lookup.py --diag)."""
+    sha = "ab" * 32
+    key = bytes.fromhex(model_key(sha))
+
+    def holding() -> CapacityRecord:
+        return CapacityRecord.issue("", 0, DEVICE, models=(ModelInfo(sha, "m", 1, True, 1),),
+                                    slots_total=1, slots_free=1)
+
+    def holds_a(net: PeerNetwork, a: PeerNetwork) -> bool:
+        return any(p.peer_id == a.host.libp2p.get_id()
+                   for p in net.dht.kad.provider_store.get_providers(key))
+
+    async with AsyncExitStack() as stack:
+        b = await stack.enter_async_context(_net())
+        a = PeerNetwork(Identity.generate(), capacity_source=holding,
+                        listen_addrs=["/ip4/127.0.0.1/tcp/0"], bootstrap=[b.listen_addrs()[0]],
+                        mdns=False, limits=QUIET)
+        await stack.enter_async_context(a)
+        await _until(lambda: holds_a(b, a), timeout=20.0)
+        late = [await stack.enter_async_context(_net(a)) for _ in range(3)]
+        await _until(lambda: all(a.dht.kad.routing_table.peer_in_table(n.host.libp2p.get_id())
+                                 for n in late), timeout=20.0)
+        assert not any(holds_a(n, a) for n in late)  # nothing announced to them yet
+        a.capacity_changed()
+        await _until(lambda: all(holds_a(n, a) for n in late), timeout=20.0)
