@@ -100,6 +100,8 @@ DEFAULT_MIN_P = 0.05
 DEFAULT_REPEAT_PENALTY = 1.0
 MAX_TOP_K = 2**31 - 1  # llama.cpp takes top_k as an int32; past the vocabulary = all of it
 MAX_REPEAT_PENALTY = 100.0
+# why not 0: llama.cpp divides positive logits by it (0 makes them infinite)
+MIN_REPEAT_PENALTY = 0.01
 DEFAULT_DEADLINE_MS = 120_000
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
@@ -363,7 +365,8 @@ class InferRequest(_Message):
             _set(self, "min_p", _check_float("InferRequest.min_p", self.min_p, 0.0, 1.0))
         if self.repeat_penalty is not None:
             _set(self, "repeat_penalty", _check_float(
-                "InferRequest.repeat_penalty", self.repeat_penalty, 0.0, MAX_REPEAT_PENALTY))
+                "InferRequest.repeat_penalty", self.repeat_penalty, MIN_REPEAT_PENALTY,
+                MAX_REPEAT_PENALTY))
         if self.seed is not None:
             _check_int("InferRequest.seed", self.seed, 0, U64_MAX)
         if not isinstance(self.stop, list | tuple):

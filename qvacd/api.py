@@ -475,7 +475,7 @@ def build_app(node: ServedNode) -> Starlette:
             # llama.cpp server's extensions to the OpenAI body (defaults: GenerationRequest's)
             "top_k": field(body, "top_k", int, 40, lo=0, hi=1000, where=where),
             "min_p": field(body, "min_p", float, 0.05, lo=0, hi=1, where=where),
-            "repeat_penalty": field(body, "repeat_penalty", float, 1.0, lo=0, hi=10,
+            "repeat_penalty": field(body, "repeat_penalty", float, 1.0, lo=0.01, hi=10,
                                     where=where),
         }
 
@@ -540,7 +540,7 @@ def build_app(node: ServedNode) -> Starlette:
             top_p=field(opts, "top_p", float, 0.9, lo=0, hi=1, where=w),
             top_k=field(opts, "top_k", int, 40, lo=0, hi=1000, where=w),
             min_p=field(opts, "min_p", float, 0.0, lo=0, hi=1, where=w),
-            repeat_penalty=1.0 if no_repeat else field(opts, "repeat_penalty", float, 1.1, lo=0,
+            repeat_penalty=1.0 if no_repeat else field(opts, "repeat_penalty", float, 1.1, lo=0.01,
                                                        hi=10, where=w),
             seed=field(opts, "seed", int, None, where=w),
             stop=stop_list(opts.get("stop"), "options.stop"),

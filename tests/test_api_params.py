@@ -60,6 +60,8 @@ def _ollama_refused(call, field: str) -> str:
     ({"presence_penalty": 0.5}, "presence_penalty"),
     ({"frequency_penalty": -1.0}, "frequency_penalty"),
     ({"extra_body": {"frobnicate": True}}, "frobnicate"),
+    # llama.cpp divides positive logits by it: 0 would make them infinite
+    ({"extra_body": {"repeat_penalty": 0}}, "repeat_penalty"),
 ])
 def test_openai_completions_refuses(oai, kwargs, field):
     _openai_refused(lambda: oai.completions.create(model=MODEL, prompt="Hi", max_tokens=2,
@@ -204,6 +206,7 @@ def test_openai_top_k_extension_is_honoured(oai):
     ({"options": {"presence_penalty": 0.5}}, "options.presence_penalty"),
     ({"options": {"frequency_penalty": 0.5}}, "options.frequency_penalty"),
     ({"options": {"repeat_last_n": 128}}, "options.repeat_last_n"),
+    ({"options": {"repeat_penalty": 0}}, "options.repeat_penalty"),
     ({"options": {"temprature": 0.2}}, "options.temprature"),
 ])
 def test_ollama_generate_refuses(oll, kwargs, field):

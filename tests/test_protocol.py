@@ -162,7 +162,7 @@ def infer_requests(draw: st.DrawFn) -> InferRequest:
         top_p=draw(st.floats(0, 1)),
         top_k=draw(st.none() | st.integers(0, 2**31 - 1)),
         min_p=draw(st.none() | st.floats(0, 1)),
-        repeat_penalty=draw(st.none() | st.floats(0, 100)),
+        repeat_penalty=draw(st.none() | st.floats(0.01, 100)),
         seed=draw(st.none() | st.integers(0, 2**64 - 1)),
         stop=tuple(draw(st.lists(names, max_size=3))),
         deadline_ms=draw(st.integers(1, 86_400_000)),
@@ -391,6 +391,7 @@ OUT_OF_RANGE = [
     ({**REQ, "min_p": 1.01}, ErrorCode.BAD_REQUEST),
     ({**REQ, "min_p": math.nan}, ErrorCode.BAD_REQUEST),
     ({**REQ, "repeat_penalty": -1.0}, ErrorCode.BAD_REQUEST),
+    ({**REQ, "repeat_penalty": 0.0}, ErrorCode.BAD_REQUEST),  # would make logits infinite
     ({**REQ, "repeat_penalty": 100.5}, ErrorCode.BAD_REQUEST),
     ({**REQ, "repeat_penalty": math.inf}, ErrorCode.BAD_REQUEST),
     ({**REQ, "repeat_penalty": "1.1"}, ErrorCode.PROTOCOL),
