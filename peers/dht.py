@@ -18,8 +18,8 @@ The DHT is a hint, and it is stale in known ways (see /shared/py-libp2p-0.8.1.md
   id), which both fills the table and returns the peers near us. The library also drops
   a peer from its table after one failed query; the network re-adds connected peers.
 - Every stream costs ~10 ms of CPU in py-libp2p and a network walk opens ~30 of them, so
-  lookups ask the `LOOKUP_QUORUM` closest peers of our own routing table first and walk
-  only if that finds nothing; puts (every 30 s, rare next to lookups) go to the closest
+  lookups ask the `REPLICAS` closest peers of our own routing table first (until
+  `LOOKUP_QUORUM` of them had the record) and walk only if that finds nothing; puts (every 30 s, rare next to lookups) go to the closest
   of both our table and a walk, so either kind of lookup finds them.
 - A FIND_NODE key must decode as a multihash or be at most 50 bytes, or the remote
   drops the query ("FIND_NODE key is not a valid PeerId"). KadDHT.put_value and
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 
@@ -234,8 +235,17 @@ class CapacityDHT:
         quorum: int,
         query_timeout_s: float,
     ) -> None:
-        """Ask the peers closest to `target` until `quorum` of them have answered
-        (`ask` returns False when the peer could not be asked: those do not count).
+        """Ask the `REPLICAS` peers closest to `target` until `quorum` of them have
+        answered with what we look for (`ask` returns True then); peers that answered
+        without it, or could not be asked, do not count.
+
+        Why not stop at `quorum` answers of any kind (as before): a put reaches the
+        closest peers *the publisher* knows, and while routing tables are partial those
+        differ from the asker's closest; three answers without the record sent the
+        lookup on a network walk, which on a loaded machine ran out its time (measured,
+        bench/dht_lookup.py --diag at 64 nodes: misses took 5-6 s and had asked 2-6
+        peers). Asking the table's 8 closest first finds a record placed there
+        without a walk.
 
         Our routing table first: in a mesh of a few hundred nodes it holds nearly
         everyone, so its closest peers are the ones a network walk would find, and
@@ -272,9 +282,10 @@ class CapacityDHT:
                     asked.add(peer)
                     nursery.start_soon(one, peer)
 
-        await ask_in_order(self.kad.routing_table.find_local_closest_peers(target, 20))
+        await ask_in_order(self.kad.routing_table.find_local_closest_peers(target, REPLICAS))
         if not found_any():
-            await ask_in_order(await self.kad.peer_routing.find_closest_peers_network(target))
+            walked = await self.kad.peer_routing.find_closest_peers_network(target)
+            await ask_in_order(list(walked)[:REPLICAS])
 
     async def lookup_record(
         self,
@@ -282,6 +293,7 @@ class CapacityDHT:
         *,
         quorum: int = LOOKUP_QUORUM,
         query_timeout_s: float = QUERY_TIMEOUT_S,
+        timeout: float = math.inf,
     ) -> tuple[CapacityRecord, bytes] | None:
         """The newest valid record for `peer_id` among our copy and the closest peers'.
 
@@ -297,19 +309,23 @@ class CapacityDHT:
             # why the private call: KadDHT.get_value returns the local copy if any,
             # however old; we want the close peers' copies to pick the newest.
             got = await self.kad.value_store._get_from_peer(peer, key, return_closer_peers=True)
-            value, closer = got if isinstance(got, tuple) else (got, [])
+            value = got[0] if isinstance(got, tuple) else got
             if isinstance(value, bytes) and value:
                 found.append(value)
                 return True
-            return bool(closer)  # (None, []) is what the library returns on any error
+            return False  # why not `closer`: an answer without the record is no vote
 
-        await self._ask_closest(
-            placement_target(key),
-            ask,
-            lambda: bool(found),
-            quorum=quorum,
-            query_timeout_s=query_timeout_s,
-        )
+        # why the deadline here and not only the caller's: what was found by then counts
+        # (measured: a lookup that had the record from its 8th closest peer was still
+        # waiting on slow ones when the caller's 5 s ran out, and returned nothing)
+        with trio.move_on_after(timeout):
+            await self._ask_closest(
+                placement_target(key),
+                ask,
+                lambda: bool(found),
+                quorum=quorum,
+                query_timeout_s=query_timeout_s,
+            )
         best: tuple[CapacityRecord, bytes] | None = None
         now = time.time()
         for data in dict.fromkeys(found):  # de-duplicate identical copies
@@ -328,6 +344,7 @@ class CapacityDHT:
         *,
         quorum: int = LOOKUP_QUORUM,
         query_timeout_s: float = QUERY_TIMEOUT_S,
+        timeout: float = math.inf,
     ) -> list[PeerInfo]:
         """Providers of model `sha256` (not us), from our store and the closest peers.
 
@@ -350,11 +367,12 @@ class CapacityDHT:
 
         async def ask(peer: ID) -> bool:
             store = self.kad.provider_store
-            providers, closer = await store._get_providers_from_peer_with_closers(peer, key)
+            providers, _closer = await store._get_providers_from_peer_with_closers(peer, key)
             merge(providers)
-            return bool(providers or closer)  # ([], []) is what it returns on any error
+            return bool(providers)  # an answer without providers is no vote
 
-        await self._ask_closest(
-            key, ask, lambda: bool(found), quorum=quorum, query_timeout_s=query_timeout_s
-        )
+        with trio.move_on_after(timeout):  # why: see lookup_record
+            await self._ask_closest(
+                key, ask, lambda: bool(found), quorum=quorum, query_timeout_s=query_timeout_s
+            )
         return [PeerInfo(pid, addrs) for pid, addrs in found.items()]

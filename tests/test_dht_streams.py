@@ -15,8 +15,8 @@ from libp2p.network.stream.exceptions import StreamEOF
 from peers import NetworkLimits, PeerNetwork
 from peers._dht_streams import DhtHost, guard_inbound
 from peers.device import DeviceInfo
-from peers.identity import Identity
 from peers.dht import model_key
+from peers.identity import Identity
 from peers.records import CapacityRecord, ModelInfo
 
 pytestmark = pytest.mark.trio
