@@ -21,7 +21,6 @@ import trio
 
 from models.embedding import EmbeddingResult
 from models.engine import EngineError
-from peers import peer_ended_stream, short_peer_id
 from protocol import (
     EMBED_LIMITS,
     MAX_EMBED_PIECE,
@@ -30,10 +29,10 @@ from protocol import (
     EmbedVectors,
     Error,
     ErrorCode,
-    ProtocolError,
 )
 
-from ..p2p_io import FrameStream, StreamGone, cancel_on_inbound_close, error_code, try_send
+from ..p2p_io import FrameStream, cancel_on_inbound_close, error_code, try_send
+from ._provider import first_request, run_handler
 
 if TYPE_CHECKING:
     from ..metrics import Metrics
@@ -41,7 +40,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("qvacd.embed")
 
-REQUEST_TIMEOUT_S = 5.0  # a consumer must send its request this quickly
 
 
 class EmbeddingEngine(Protocol):
@@ -74,45 +72,19 @@ class EmbedService:
         self.on_offence: Callable[[str, Any, str], bool] = lambda kind, stream, peer: False
 
     async def handle(self, stream: Any, peer_id: str) -> None:
-        io = FrameStream(stream, EMBED_LIMITS)
-        outcome = "error"
-        try:
-            outcome = await self._serve(io, peer_id)
-        except ProtocolError as e:
-            outcome = "protocol"
-            log.info("peer %s sent a bad embed frame: %s", short_peer_id(peer_id), e)
-            await try_send(io, Error.from_exception(e))
-        except Exception as e:
-            if peer_ended_stream(e) is not None:
-                outcome = "gone"  # routine: contain_handler_errors logs one INFO line
-                raise
-            log.exception("embed handler failed for peer %s; answered INTERNAL and closed"
-                          " the stream", short_peer_id(peer_id))
-            await try_send(io, Error(ErrorCode.INTERNAL, "provider error; try another peer"))
-        finally:
-            if self.metrics is not None:
-                self.metrics.peer_served.labels(peer_id, f"embed_{outcome}").inc()
-            if outcome in ("protocol", "unauthorized"):
-                self.on_offence(outcome, stream, peer_id)
-            await io.close()
+        await run_handler(FrameStream(stream, EMBED_LIMITS), stream, peer_id, self._serve,
+                          what="embed", count=self._count, on_offence=self.on_offence)
+
+    def _count(self, peer: str, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.peer_served.labels(peer, f"embed_{outcome}").inc()
 
     async def _serve(self, io: FrameStream, peer: str) -> str:
-        msg = None
-        with trio.move_on_after(REQUEST_TIMEOUT_S) as waited:
-            msg = await io.recv()
-        if waited.cancelled_caught:
-            await io.send(Error(ErrorCode.DEADLINE, "no request within"
-                                f" {REQUEST_TIMEOUT_S:.0f}s of opening the stream"))
-            return "timeout"
-        if not isinstance(msg, EmbedRequest):
-            await io.send(Error(ErrorCode.PROTOCOL, "the first frame on /qvac/embed must be"
-                                " an embed request"))
-            return "protocol"
-        if not self.is_authorized(peer):
-            await io.send(Error(ErrorCode.UNAUTHORIZED, f"peer {peer} is not trusted as a"
-                                " consumer here; its owner must run `qvacd trust add"
-                                f" {peer} --roles consumer`"))
-            return "unauthorized"
+        msg, outcome = await first_request(
+            io, EmbedRequest, "the first frame on /qvac/embed must be an embed request", peer,
+            self.is_authorized)
+        if msg is None:
+            return outcome
         refusal = self.quota.check(peer, time.monotonic())
         if refusal is not None:
             await io.send(refusal)

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from models.engine import EngineError, GenerationRequest
-from peers import peer_ended_stream, short_peer_id
 from protocol import (
     DEFAULT_MIN_P,
     DEFAULT_REPEAT_PENALTY,
@@ -33,19 +32,18 @@ from protocol import (
     Error,
     ErrorCode,
     InferRequest,
-    ProtocolError,
     Token,
 )
 
 from ..local_engine import LocalEngine
-from ..p2p_io import FrameStream, StreamGone, cancel_on_inbound_close, error_code, try_send
+from ..p2p_io import FrameStream, cancel_on_inbound_close, error_code, try_send
+from ._provider import first_request, run_handler
 
 if TYPE_CHECKING:
     from ..metrics import Metrics
 
 log = logging.getLogger("qvacd.infer")
 
-REQUEST_TIMEOUT_S = 5.0  # a consumer must send its request this quickly
 
 
 class PeerQuota:
@@ -121,48 +119,15 @@ class InferService:
             self.metrics.peer_served.labels(peer, outcome).inc()
 
     async def handle(self, stream: Any, peer_id: str) -> None:
-        io = FrameStream(stream)
-        outcome = "error"
-        try:
-            outcome = await self._serve(io, peer_id)
-        except ProtocolError as e:
-            outcome = "protocol"
-            log.info("peer %s sent a bad frame: %s", short_peer_id(peer_id), e)
-            await try_send(io, Error.from_exception(e))
-        except Exception as e:
-            if peer_ended_stream(e) is not None:
-                # The consumer reset or closed the stream, or its connection died (also
-                # inside the exception group of the streaming nursery): routine. It rises
-                # to peers' contain_handler_errors, which wraps this handler: one INFO
-                # line naming the peer, no traceback, the stream reset.
-                outcome = "gone"
-                raise
-            log.exception("infer handler failed for peer %s; answered INTERNAL and closed the"
-                          " stream", short_peer_id(peer_id))
-            await try_send(io, Error(ErrorCode.INTERNAL, "provider error; try another peer"))
-        finally:
-            self._count(peer_id, outcome)
-            if outcome in ("protocol", "unauthorized"):
-                self.on_offence(outcome, stream, peer_id)
-            await io.close()
+        await run_handler(FrameStream(stream), stream, peer_id, self._serve, what="infer",
+                          count=self._count, on_offence=self.on_offence)
 
     async def _serve(self, io: FrameStream, peer: str) -> str:
-        msg = None
-        with trio.move_on_after(REQUEST_TIMEOUT_S) as waited:
-            msg = await io.recv()
-        if waited.cancelled_caught:
-            await io.send(Error(ErrorCode.DEADLINE, "no request within"
-                                f" {REQUEST_TIMEOUT_S:.0f}s of opening the stream"))
-            return "timeout"
-        if not isinstance(msg, InferRequest):
-            await io.send(Error(ErrorCode.PROTOCOL, "the first frame on /qvac/infer must be"
-                                " a request"))
-            return "protocol"
-        if not self.is_authorized(peer):
-            await io.send(Error(ErrorCode.UNAUTHORIZED, f"peer {peer} is not trusted as a"
-                                " consumer here; its owner must run `qvacd trust add"
-                                f" {peer} --roles consumer`"))
-            return "unauthorized"
+        msg, outcome = await first_request(
+            io, InferRequest, "the first frame on /qvac/infer must be a request", peer,
+            self.is_authorized)
+        if msg is None:
+            return outcome
         now = time.monotonic()
         refusal = self.quota.check(peer, now)
         if refusal is not None:
