@@ -59,7 +59,11 @@ from peers.records import (
 log = logging.getLogger("qvacd.peers.dht")
 
 PUT_TIMEOUT_S = 5.0
-LOOKUP_QUORUM = 3  # close peers that must answer a lookup
+LOOKUP_QUORUM = 3  # close peers that must have the record before a lookup ends
+# why more for providers: each holder's announcement reaches the closest peers *it*
+# knows, so one peer's set is partial; measured (--diag, 64 nodes) with 3: the missing
+# providers were held at the 4th and 5th closest, whose answers the quorum cut off
+PROVIDERS_QUORUM = 5
 REPLICAS = 8  # close peers a record or provider announcement is stored at
 WALK_TIMEOUT_S = 5.0
 WALK_REUSE_S = 300.0  # a put reuses the last walk toward its key while the mesh is stable
@@ -342,7 +346,7 @@ class CapacityDHT:
         self,
         sha256: str,
         *,
-        quorum: int = LOOKUP_QUORUM,
+        quorum: int = PROVIDERS_QUORUM,
         query_timeout_s: float = QUERY_TIMEOUT_S,
         timeout: float = math.inf,
     ) -> list[PeerInfo]:
