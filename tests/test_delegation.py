@@ -13,10 +13,9 @@ import ollama
 import openai
 import pytest
 
-from peers.identity import load_or_create_identity
-from peers.trust import TrustStore
 from tests.harness import ALL_ROLES as ALL
-from tests.harness import Daemon, Mesh, free_port
+from tests.harness.scripted_provider import laptop_desktop_and_scripted_provider
+from tests.harness import Daemon, Mesh
 
 MODEL = "gemma3-270m"
 
@@ -158,34 +157,9 @@ def test_client_cancel_stops_generation_on_provider(mesh):
 
 @pytest.mark.parametrize("mode", ["garbage", "stall"])
 def test_misbehaving_provider_is_dropped_and_stream_fails_over(mesh, tmp_path, mode):
-    import subprocess
-    import sys
-
-    from tests.harness import REPO
-
-    sha = json.loads((mesh.template / "models" / "index.json").read_text())[
-        "models"][MODEL]["sha256"]
-    bad_dir = tmp_path / "bad"
-    bad_dir.mkdir()
-    bad_id = load_or_create_identity(bad_dir).peer_id_str
-    bad_port = free_port()
-    TrustStore.in_dir(bad_dir).add(mesh.ids.setdefault("x", bad_id), ALL)
-    mesh.add("laptop", "--memory-budget", "64MiB")
-    mesh.add("desktop")
-    TrustStore.in_dir(bad_dir).add(mesh.ids["laptop"], ALL)
-    mesh.trust("laptop", "desktop", ALL)
-    mesh.trust("desktop", "laptop", ALL)
-    TrustStore.in_dir(mesh.root / "laptop").add(bad_id, ALL)
-    bad = subprocess.Popen([sys.executable, str(REPO / "tests" / "bad_provider.py"),
-                            str(bad_dir), str(bad_port), mode, sha], cwd=REPO,
-                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        assert bad.stdout.readline().strip() == "ready"
-        mesh.start("desktop")
+    with laptop_desktop_and_scripted_provider(mesh, tmp_path, mode, MODEL,
+                                              name="x") as bad_id:
         small = mesh.nodes["laptop"]
-        small.args += ["--bootstrap", f"/ip4/127.0.0.1/tcp/{bad_port}/p2p/{bad_id}"]
-        mesh.start("laptop", bootstrap=["desktop"])
-        mesh.wait_peers("laptop", ["desktop", "x"])
         body = {"model": MODEL, "prompt": "1, 2, 3,", "max_tokens": 20, "temperature": 0,
                 "stream": True}
         pieces, served, finish, first = [], [], None, None
@@ -213,9 +187,6 @@ def test_misbehaving_provider_is_dropped_and_stream_fails_over(mesh, tmp_path, m
         r = httpx.post(small.api + "/v1/completions", timeout=3000,
                        json={"model": MODEL, "prompt": "Hi", "max_tokens": 3})
         assert r.headers["x-qvac-served-by"] == mesh.ids["desktop"]
-    finally:
-        bad.kill()
-        bad.wait()
 
 
 def test_overflow_to_peer_when_local_slots_are_busy(mesh):
@@ -337,34 +308,10 @@ def test_provider_that_ignores_sampling_options_is_not_used_for_them(mesh, tmp_p
     `grammar-blind` predates them too: its Accepted says nothing of them) would sample with
     its defaults: it is not used for a request that needs them, and is not counted as
     failed; a request whose knobs cannot change the answer still goes to it."""
-    import subprocess
-    import sys
-
-    from tests.harness import REPO
-
-    sha = json.loads((mesh.template / "models" / "index.json").read_text())[
-        "models"][MODEL]["sha256"]
-    old_dir = tmp_path / "old"
-    old_dir.mkdir()
-    old_id = load_or_create_identity(old_dir).peer_id_str
-    old_port = free_port()
-    mesh.add("laptop", "--memory-budget", "64MiB")
-    mesh.add("desktop")
-    TrustStore.in_dir(old_dir).add(mesh.ids["laptop"], ALL)
-    TrustStore.in_dir(mesh.root / "laptop").add(old_id, ALL)
-    mesh.ids["old"] = old_id
-    mesh.trust("laptop", "desktop", ALL)
-    mesh.trust("desktop", "laptop", ALL)
-    old = subprocess.Popen([sys.executable, str(REPO / "tests" / "bad_provider.py"),
-                            str(old_dir), str(old_port), "grammar-blind", sha], cwd=REPO,
-                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        assert old.stdout.readline().strip() == "ready"
-        big = mesh.start("desktop")
+    with laptop_desktop_and_scripted_provider(mesh, tmp_path, "grammar-blind", MODEL,
+                                              name="old") as old_id:
         small = mesh.nodes["laptop"]
-        small.args += ["--bootstrap", f"/ip4/127.0.0.1/tcp/{old_port}/p2p/{old_id}"]
-        mesh.start("laptop", bootstrap=["desktop"])
-        mesh.wait_peers("laptop", ["desktop", "old"])
+        big = mesh.nodes["desktop"]
         # Without knobs the old provider is the first choice (its record says fast) ...
         served, text = _completion(small, {"temperature": 0}, {})
         assert served == old_id and text.startswith("not JSON"), (served, text)
@@ -383,9 +330,6 @@ def test_provider_that_ignores_sampling_options_is_not_used_for_them(mesh, tmp_p
         assert not reply.response.startswith("not JSON"), reply.response
         peers = {p["peer_id"]: p for p in httpx.get(small.api + "/qvac/peers").json()["peers"]}
         assert peers[old_id]["failures"] == 0  # refused, not failed: no back-off
-    finally:
-        old.kill()
-        old.wait()
 
 
 def test_wire_request_carries_only_knobs_that_change_the_answer():

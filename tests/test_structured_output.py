@@ -14,8 +14,6 @@ machine shared.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,10 +32,8 @@ from models.grammar import (
     check_grammar_text,
     grammar_for_schema,
 )
-from peers.identity import load_or_create_identity
-from peers.trust import TrustStore
 from tests.harness import ALL_ROLES as ALL
-from tests.harness import REPO, free_port
+from tests.harness.scripted_provider import laptop_desktop_and_scripted_provider
 
 MODEL = "gemma3-270m"
 TRIES = 10
@@ -324,29 +320,9 @@ def test_failover_mid_answer_continues_inside_the_grammar(mesh):
 
 @pytest.mark.timeout(600)
 def test_provider_that_ignores_grammars_is_not_used_for_them(mesh, tmp_path):
-    sha = json.loads((mesh.template / "models" / "index.json").read_text())[
-        "models"][MODEL]["sha256"]
-    old_dir = tmp_path / "old"
-    old_dir.mkdir()
-    old_id = load_or_create_identity(old_dir).peer_id_str
-    old_port = free_port()
-    mesh.add("laptop", "--memory-budget", "64MiB")
-    mesh.add("desktop")
-    TrustStore.in_dir(old_dir).add(mesh.ids["laptop"], ALL)
-    TrustStore.in_dir(mesh.root / "laptop").add(old_id, ALL)
-    mesh.ids["old"] = old_id
-    mesh.trust("laptop", "desktop", ALL)
-    mesh.trust("desktop", "laptop", ALL)
-    old = subprocess.Popen([sys.executable, str(REPO / "tests" / "bad_provider.py"),
-                            str(old_dir), str(old_port), "grammar-blind", sha], cwd=REPO,
-                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        assert old.stdout.readline().strip() == "ready"
-        mesh.start("desktop")
+    with laptop_desktop_and_scripted_provider(mesh, tmp_path, "grammar-blind", MODEL,
+                                              name="old") as old_id:
         small = mesh.nodes["laptop"]
-        small.args += ["--bootstrap", f"/ip4/127.0.0.1/tcp/{old_port}/p2p/{old_id}"]
-        mesh.start("laptop", bootstrap=["desktop"])
-        mesh.wait_peers("laptop", ["desktop", "old"])
         oai = openai.OpenAI(base_url=small.api + "/v1", api_key="x", max_retries=0,
                             timeout=3000)
         # Without a grammar the old provider is the first choice (its record says fast) ...
@@ -361,6 +337,3 @@ def test_provider_that_ignores_grammars_is_not_used_for_them(mesh, tmp_path):
         _valid_pet(text)
         peers = {p["peer_id"]: p for p in httpx.get(small.api + "/qvac/peers").json()["peers"]}
         assert peers[old_id]["failures"] == 0  # refused, not failed: no back-off
-    finally:
-        old.kill()
-        old.wait()
