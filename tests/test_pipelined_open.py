@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -175,14 +176,20 @@ async def test_slow_but_alive_provider_is_not_dropped(tmp_path: Path) -> None:
         assert consumer.table.get(provider.peer_id_str).failures == 0
 
 
+async def open_idle_stream(consumer: PeerNetwork, provider: PeerNetwork) -> Any:
+    """A stream to `provider` on which it never says anything: only the probe's pings
+    cross the path."""
+    async def idle(stream, peer: str) -> None:  # type: ignore[no-untyped-def]
+        await trio.sleep(10)
+
+    provider.set_stream_handler("/qvac-test/idle/1", idle)
+    return await consumer.open_stream(provider.peer_id_str, "/qvac-test/idle/1", timeout=5,
+                                      first=b"")
+
+
 async def test_probe_is_answered_at_its_pace(tmp_path: Path) -> None:
     async with pair(tmp_path) as (consumer, provider):
-        async def idle(stream, peer: str) -> None:  # type: ignore[no-untyped-def]
-            await trio.sleep(10)
-
-        provider.set_stream_handler("/qvac-test/idle/1", idle)
-        stream = await consumer.open_stream(provider.peer_id_str, "/qvac-test/idle/1",
-                                            timeout=5, first=b"")
+        stream = await open_idle_stream(consumer, provider)
         async with consumer.watch_path(stream) as probe:
             assert isinstance(probe, PathProbe)
             await trio.sleep(3 * LIVENESS_S)
@@ -198,12 +205,7 @@ async def test_probe_stays_quiet_while_frames_flow(tmp_path: Path) -> None:
     pong the probe sends no more pings (the old probe sent 4/s regardless); once the
     frames stop, pings resume at their pace and the quiet path is not judged dead."""
     async with pair(tmp_path) as (consumer, provider):
-        async def idle(stream, peer: str) -> None:  # type: ignore[no-untyped-def]
-            await trio.sleep(10)
-
-        provider.set_stream_handler("/qvac-test/idle/1", idle)
-        stream = await consumer.open_stream(provider.peer_id_str, "/qvac-test/idle/1",
-                                            timeout=5, first=b"")
+        stream = await open_idle_stream(consumer, provider)
         async with consumer.watch_path(stream) as probe:
             with trio.fail_after(5):
                 while not probe.working:
