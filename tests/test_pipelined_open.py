@@ -20,8 +20,8 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
